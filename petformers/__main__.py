@@ -1,0 +1,3 @@
+from petformers.cli.main import main
+
+raise SystemExit(main())

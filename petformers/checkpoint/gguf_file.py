@@ -1,0 +1,78 @@
+"""GGUF files (llama.cpp): metadata, tokenizer and weights, dequantized with the `gguf` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from petformers.errors import CheckpointError
+
+_LAYER_NAMES = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated or foreign files raise ValueError / struct errors
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader) -> dict:
+    """GGUF key/values as plain Python values (strings, numbers, lists)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # unusual field types are not needed by petformers
+            continue
+    return meta
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> Hugging Face rotate-half layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'; None for tensors petformers ignores."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) >= 4:
+        mapped = _LAYER_NAMES.get(parts[2])
+        return f"layers.{parts[1]}.{mapped}.{'.'.join(parts[3:])}" if mapped else None
+    if parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+    return None  # e.g. rope_freqs
+
+
+def iter_tensors(reader, n_heads: int, n_kv_heads: int, source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = gguf_name(t.name)
+        if name is None:
+            continue
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{source}: tensor {t.name} has quantization {t.tensor_type.name}, "
+                                  "which the gguf package cannot dequantize") from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)  # a writable copy
+        if name.endswith("attention.wq.weight"):
+            tensor = _unpermute(tensor, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = _unpermute(tensor, n_kv_heads)
+        yield name, tensor

@@ -1,0 +1,126 @@
+"""Hugging Face model directories: config.json + (sharded) safetensors, and writing them back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from petformers.checkpoint import names
+from petformers.errors import CheckpointError
+from petformers.models.config import LlamaConfig
+
+
+def read_config(path: Path) -> LlamaConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return LlamaConfig.from_hf(cfg)
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(path.glob("*.bin")):
+        raise CheckpointError(f"{path}: only pickle (.bin) weights found; petformers reads safetensors only "
+                              "(never unpickles downloaded files): convert them to safetensors first")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(petformers_name, tensor) for every weight, one shard at a time, memory-mapped."""
+    from safetensors import safe_open
+
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    yield names.from_hf(key), st.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own types for truncated / corrupt headers
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); is it truncated?") from None
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
+    """safetensors written to a temp file, fsynced, then renamed over `file`."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, file)
+
+
+def write_json_atomic(obj, file: Path):
+    import os
+
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, file)
+
+
+def save_model_dir(state_dict: dict[str, torch.Tensor], config: LlamaConfig, out_dir: Path,
+                   tokenizer=None, max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None):
+    """A Hugging Face model directory transformers loads: config, shards (+ index), tokenizer, generation config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = {}
+    for name, t in state_dict.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        hf[names.to_hf(name)] = (t.to(dtype) if dtype else t).detach().cpu().contiguous()
+    shards, current, size = [], {}, 0
+    for key in sorted(hf):
+        nbytes = hf[key].numel() * hf[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = hf[key]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_safetensors_atomic(shards[0], out_dir / "model.safetensors", {"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors_atomic(shard, out_dir / fname, {"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in hf.values())
+        write_json_atomic({"metadata": {"total_size": total}, "weight_map": weight_map},
+                          out_dir / "model.safetensors.index.json")
+    hf_cfg = config.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    write_json_atomic(hf_cfg, out_dir / "config.json")
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+        eos = tokenizer.eos_ids
+        gen["eos_token_id"] = eos if len(eos) > 1 else (eos[0] if eos else config.eos_token_id)
+    write_json_atomic(gen, out_dir / "generation_config.json")

@@ -1,0 +1,232 @@
+"""The one Llama-family config, and its builders from every format users hold.
+
+Field names are MindFormers' (`num_layers`, `n_kv_heads`, `theta`, ...) so that a MindFormers
+`model.model_config` section maps one to one; Hugging Face, GGUF and Meta names are translated here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from petformers.errors import ConfigError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, key: str = "dtype") -> torch.dtype:
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; anything else is a ConfigError."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"{key}: unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
+
+
+def ffn_hidden_size(hidden_size: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's / MindFormers' SwiGLU width: int(2*4*h/3), times the multiplier, rounded up to multiple_of."""
+    width = int(2 * 4 * hidden_size / 3)
+    if ffn_dim_multiplier is not None:
+        width = int(ffn_dim_multiplier * width)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    n_kv_heads: int | None = None  # None: no grouped-query attention (= num_heads)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int | None = None  # None: computed from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rms_norm_eps: float = 1e-5
+    theta: float = 10000.0  # rope base
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or linear
+    seq_length: int = 4096  # max positions the model was trained for
+    tie_word_embeddings: bool = False
+    qkv_has_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+    compute_dtype: str = "float32"  # dtype of the frozen base weights and activations
+    param_init_type: str = "float32"  # dtype of trainable (adapter) parameters
+    extra: dict = field(default_factory=dict, repr=False)  # unrecognised source keys, kept for export
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = ffn_hidden_size(self.hidden_size, self.multiple_of, self.ffn_dim_multiplier)
+        if self.num_heads % self.n_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- builders ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        """From a Hugging Face config.json (LlamaForCausalLM and look-alikes such as Mistral)."""
+        arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+        if cfg.get("model_type") not in (None, "llama", "mistral") and "Llama" not in arch:
+            raise ConfigError(f"config.json: unsupported architecture {arch!r} (model_type "
+                              f"{cfg.get('model_type')!r}); petformers supports the Llama family")
+        try:
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg.get("num_key_value_heads"),
+                head_dim=cfg.get("head_dim"),
+                intermediate_size=cfg["intermediate_size"],
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_scaling=_hf_rope_scaling(cfg),
+                seq_length=cfg.get("max_position_embeddings", 2048),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                qkv_has_bias=cfg.get("attention_bias", False),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=cfg.get("eos_token_id"),
+                pad_token_id=cfg.get("pad_token_id"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict:
+        """A transformers LlamaConfig dict for config.json of an exported model."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.seq_length,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_has_bias,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.compute_dtype,
+        }
+        return cfg
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any]) -> "LlamaConfig":
+        """From GGUF key/value metadata (already decoded to Python values)."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'llama')")
+        p = "llama."
+        try:
+            heads = int(meta[p + "attention.head_count"])
+            hidden = int(meta[p + "embedding_length"])
+            rope_dim = meta.get(p + "rope.dimension_count")
+            return cls(
+                vocab_size=int(meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+                hidden_size=hidden,
+                num_layers=int(meta[p + "block_count"]),
+                num_heads=heads,
+                n_kv_heads=int(meta.get(p + "attention.head_count_kv", heads)),
+                head_dim=int(rope_dim) if rope_dim else None,
+                intermediate_size=int(meta[p + "feed_forward_length"]),
+                rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+                theta=float(meta.get(p + "rope.freq_base", 10000.0)),
+                seq_length=int(meta.get(p + "context_length", 2048)),
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+                pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"GGUF metadata: missing key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_meta(cls, params: dict) -> "LlamaConfig":
+        """From Meta's params.json (dim, n_layers, n_heads, n_kv_heads, multiple_of, ...)."""
+        try:
+            scaling = None
+            if params.get("use_scaled_rope"):
+                scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            return cls(
+                vocab_size=params.get("vocab_size", -1),
+                hidden_size=params["dim"],
+                num_layers=params["n_layers"],
+                num_heads=params["n_heads"],
+                n_kv_heads=params.get("n_kv_heads"),
+                multiple_of=params.get("multiple_of", 256),
+                ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                rms_norm_eps=params.get("norm_eps", 1e-5),
+                theta=params.get("rope_theta", 10000.0),
+                rope_scaling=scaling,
+                seq_length=params.get("max_seq_len", 4096),
+            )
+        except KeyError as e:
+            raise ConfigError(f"params.json: missing key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_mindformers(cls, mc: dict) -> "LlamaConfig":
+        """From a MindFormers YAML `model.model_config` section."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        aliases = {"rope_theta": "theta", "num_hidden_layers": "num_layers",
+                   "num_attention_heads": "num_heads", "max_position_embedding": None}
+        kwargs, extra = {}, {}
+        for key, value in mc.items():
+            key = aliases.get(key, key) if key in aliases else key
+            if key is None:
+                continue
+            (kwargs if key in known else extra)[key] = value
+        if "seq_length" not in kwargs and "max_position_embedding" in mc:
+            kwargs["seq_length"] = mc["max_position_embedding"]
+        if kwargs.get("ffn_dim_multiplier") is not None:
+            kwargs["ffn_dim_multiplier"] = float(kwargs["ffn_dim_multiplier"])
+        if "theta" in kwargs:
+            kwargs["theta"] = float(kwargs["theta"])
+        if "rms_norm_eps" in kwargs:
+            kwargs["rms_norm_eps"] = float(kwargs["rms_norm_eps"])
+        return cls(**kwargs, extra=extra)
+
+
+def _hf_rope_scaling(cfg: dict) -> dict | None:
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ("llama3", "linear"):
+        raise ConfigError(f"config.json: rope_scaling type {kind!r} is not supported (llama3, linear)")
+    return {k: v for k, v in scaling.items() if k != "rope_theta"} | {"rope_type": kind}

@@ -1,0 +1,229 @@
+"""The Llama family in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
+
+Parameter names are Meta's / MindFormers' (`tok_embeddings`, `layers.N.attention.wq`, ...,
+`layers.N.feed_forward.w1`, `norm`, `lm_head`), so MindFormers' `target_modules: '.*wq|.*wk|.*wv|.*wo'`
+works unchanged. The q/k weight layout is Hugging Face's ("rotate half"); loaders convert Meta's
+interleaved layout and undo llama.cpp's permutation. The model knows nothing of LoRA.
+
+Attention takes three optional descriptions of which keys a query may see, all through
+`scaled_dot_product_attention`:
+- nothing: plain causal attention (training on padded rows, prefill);
+- `segment_ids` [B, T]: packed rows, block-diagonal causal attention (a sample never sees another);
+- `attention_mask` [B, S]: 1 for real tokens, 0 for (left) padding, with a KV cache of S keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from petformers.models.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (as Meta and transformers do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], float32, with Llama-3 or linear rope scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, 1, T, head_dim] for integer positions [B, T]."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [B, n_kv_heads, max_len, head_dim] each."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.length = 0  # positions filled so far (shared by all layers)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def build_attention_mask(
+    q_len: int,
+    past: int,
+    segment_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    device,
+) -> torch.Tensor | None:
+    """Boolean [B|1, 1, q_len, past+q_len] mask (True = may attend), or None for plain causal."""
+    if segment_ids is None and attention_mask is None and past == 0:
+        return None
+    k_len = past + q_len
+    q_pos = torch.arange(past, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        keys_ok = attention_mask[:, None, None, :k_len].bool()
+        # A padding query sees at least itself, so no row is all-False (which would give NaN).
+        mask = (mask & keys_ok) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_heads, config.n_kv_heads, config.head_dim
+        bias = config.qkv_has_bias
+        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False  # recompute each block in backward (recompute_config)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random initialisation for training from scratch and for tests (normal(0, std), norms 1)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states [B, T, hidden] (the loss applies lm_head in chunks)."""
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        x = self.tok_embeddings(input_ids)
+        inv_freq = rope_inv_freq(self.config, device=input_ids.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
+        mask = build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += t
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None, attention_mask=None, cache=None):
+        """Logits [B, T, vocab] in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids, attention_mask, cache))
+
+
+def build_model(config: LlamaConfig, device="meta", dtype: torch.dtype = torch.float32) -> Llama:
+    """The model with uninitialised storage on `device` (meta by default: no memory at all)."""
+    with torch.device(device):
+        model = Llama(config)
+    return model.to(dtype)

@@ -1,0 +1,251 @@
+"""One tokenizer interface over the three places a Llama tokenizer lives.
+
+- `tokenizer.json` (+ `tokenizer_config.json`): the `tokenizers` library, as transformers uses it;
+- `tokenizer.model`: SentencePiece (Meta checkpoints, older Llama-2 directories);
+- GGUF metadata (`tokenizer.ggml.*`): rebuilt as a byte-level BPE for the `tokenizers` library.
+
+Chat templates are rendered the way transformers renders them: Jinja in a sandboxed environment
+(templates come from downloaded files), with `trim_blocks` / `lstrip_blocks`, `raise_exception`
+and a `tojson` filter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+
+from petformers.errors import TokenizerError
+
+
+class Tokenizer:
+    def __init__(self, backend, *, kind: str, bos_token: str | None, eos_token: str | None,
+                 pad_token: str | None, add_bos: bool, chat_template: str | None,
+                 extra_eos_ids: list[int] = (), source: str = ""):
+        self.backend = backend  # tokenizers.Tokenizer or sentencepiece.SentencePieceProcessor
+        self.kind = kind  # "tokenizers" | "sentencepiece"
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.add_bos = add_bos  # prepend bos when encoding with add_special_tokens=True
+        self.chat_template = chat_template
+        self.source = source
+        self._extra_eos = [i for i in extra_eos_ids if i is not None]
+
+    # ---- ids -------------------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        if self.kind == "sentencepiece":
+            i = self.backend.piece_to_id(token)
+            return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str:
+        if self.kind == "sentencepiece":
+            return self.backend.id_to_piece(i)
+        return self.backend.id_to_token(i)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        pad = self.token_to_id(self.pad_token)
+        return pad if pad is not None else self.eos_id
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends generation: eos, end-of-turn tokens, generation_config's eos list."""
+        ids = [self.eos_id, *self._extra_eos]
+        return sorted({i for i in ids if i is not None})
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "sentencepiece":
+            return self.backend.get_piece_size()
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids; special tokens written in `text` (e.g. <|im_start|>) are recognised."""
+        if self.kind == "sentencepiece":
+            ids = self.backend.encode(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "sentencepiece":
+            return self.backend.encode(texts)
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            if skip_special_tokens:
+                ids = [i for i in ids if not self.backend.is_control(i)]
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered as text by the model's own template (as transformers does)."""
+        if not self.chat_template:
+            raise TokenizerError(f"{self.source}: this tokenizer has no chat template; "
+                                 "use --template fastchat/alpaca or a model with a chat template")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary and special tokens: equal for the same tokenizer in any format."""
+        h = hashlib.sha256()
+        for i in range(self.vocab_size):
+            h.update(self.id_to_token(i).encode("utf-8", "surrogatepass") + b"\0")
+        h.update(json.dumps([self.bos_token, self.eos_token, self.add_bos]).encode())
+        return h.hexdigest()[:16]
+
+    # ---- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """From a Hugging Face model directory (tokenizer.json or tokenizer.model)."""
+        path = Path(path)
+        cfg = _read_json(path / "tokenizer_config.json") or {}
+        special = _read_json(path / "special_tokens_map.json") or {}
+        gen = _read_json(path / "generation_config.json") or {}
+        template = cfg.get("chat_template")
+        if template is None and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, list):  # transformers' named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+
+        def tok(name):
+            value = cfg.get(name, special.get(name))
+            return value.get("content") if isinstance(value, dict) else value
+
+        extra_eos = gen.get("eos_token_id")
+        extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
+        if (path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            try:
+                backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:
+                raise TokenizerError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
+            add_bos = cfg.get("add_bos_token")
+            if add_bos is None:  # ask the post-processor whether it inserts bos
+                probe = backend.encode("a", add_special_tokens=True).ids
+                bos_id = backend.token_to_id(tok("bos_token")) if tok("bos_token") else None
+                add_bos = bool(probe) and bos_id is not None and probe[0] == bos_id
+            return cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=tok("eos_token"),
+                       pad_token=tok("pad_token"), add_bos=bool(add_bos), chat_template=template,
+                       extra_eos_ids=extra_eos, source=str(path))
+        if (path / "tokenizer.model").exists():
+            t = cls.from_sentencepiece(path / "tokenizer.model")
+            t.chat_template, t._extra_eos = template, [i for i in extra_eos if i is not None]
+            return t
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model found")
+
+    @classmethod
+    def from_sentencepiece(cls, model_file: str | Path) -> "Tokenizer":
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(model_file))
+        except Exception as e:
+            raise TokenizerError(f"{model_file}: not a SentencePiece model ({e})") from None
+        piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+        return cls(sp, kind="sentencepiece", bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
+                   pad_token=piece(sp.pad_id()), add_bos=True, chat_template=None, source=str(model_file))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, source: str = "") -> "Tokenizer":
+        """Rebuild a byte-level BPE tokenizer ('gpt2' GGUF tokenizer model) from GGUF metadata."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported yet "
+                                 "(byte-level BPE 'gpt2' is); pass a Hugging Face tokenizer directory")
+        tokens = meta["tokenizer.ggml.tokens"]
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if meta.get("tokenizer.ggml.pre") == "smollm":  # SmolLM splits digits one by one
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+        backend.add_special_tokens(special)
+        if user:
+            backend.add_tokens(user)
+
+        def name(key):
+            i = meta.get(key)
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        return cls(backend, kind="tokenizers", bos_token=name("tokenizer.ggml.bos_token_id"),
+                   eos_token=name("tokenizer.ggml.eos_token_id"),
+                   pad_token=name("tokenizer.ggml.padding_token_id"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   extra_eos_ids=[meta.get("tokenizer.ggml.eot_token_id")], source=source)
+
+    def save_pretrained(self, out_dir: str | Path):
+        """Write tokenizer.json/tokenizer.model and tokenizer_config.json that transformers loads."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.kind == "sentencepiece":
+            (out_dir / "tokenizer.model").write_bytes(self.backend.serialized_model_proto())
+            tokenizer_class = "LlamaTokenizer"
+        else:
+            self.backend.save(str(out_dir / "tokenizer.json"))
+            tokenizer_class = "PreTrainedTokenizerFast"
+        cfg = {"tokenizer_class": tokenizer_class, "bos_token": self.bos_token, "eos_token": self.eos_token,
+               "pad_token": self.pad_token, "add_bos_token": self.add_bos, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **tokens) -> str:
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **tokens)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template failed: {e}") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
