@@ -1,0 +1,59 @@
+"""Arguments and loading shared by the commands that run a model (predict, chat, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from petformers.models.config import parse_dtype
+
+log = logging.getLogger("petformers")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--load_checkpoint", required=True,
+                   help="HF model dir, .gguf file, Meta dir, or a known name (smollm2-135m-instruct)")
+    p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_generation_args(p: argparse.ArgumentParser):
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+
+
+def generation_config(args):
+    from petformers.generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty)
+
+
+def load_model(args):
+    """(model, tokenizer) for `--load_checkpoint` with `--adapter` merged in, ready for inference."""
+    from petformers.checkpoint.load import load_pretrained
+
+    device = args.device or default_device()
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "--dtype")
+    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, device=device)
+    if getattr(args, "adapter", None):
+        from petformers.pet.merge import merge_and_unload
+        from petformers.pet.peft_format import load_peft_adapter
+
+        load_peft_adapter(model, args.adapter)
+        model = merge_and_unload(model)
+        log.info("petformers: adapter %s merged for inference", args.adapter)
+    return model.eval(), tokenizer
