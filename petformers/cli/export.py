@@ -1,0 +1,57 @@
+"""`petformers export merge`: base checkpoint + LoRA adapter -> a merged Hugging Face model directory.
+
+    petformers export merge --load_checkpoint BASE --adapter DIR --output_dir OUT [--dtype bfloat16]
+
+The output (config.json, safetensors shards of at most 5 GB with an index, tokenizer files,
+generation_config.json) loads in transformers, vLLM and llama.cpp's converter like any Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from petformers.models.config import parse_dtype
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("export", help="write a merged model for other tools",
+                                   description="Write models for other tools.")
+    kinds = parser.add_subparsers(dest="export_kind", metavar="KIND", required=True)
+    merge = kinds.add_parser(
+        "merge", help="merge a LoRA adapter into its base and write a Hugging Face model directory",
+        description="Merge a LoRA adapter (PEFT format) into its base model and write a Hugging Face model "
+                    "directory that transformers loads.")
+    merge.add_argument("--load_checkpoint", required=True,
+                       help="the base model: a Hugging Face directory, Meta directory, GGUF file or known name")
+    merge.add_argument("--adapter", required=True, help="the adapter directory (adapter_config.json + "
+                                                        "adapter_model.safetensors)")
+    merge.add_argument("--output_dir", required=True, help="where to write the merged model")
+    merge.add_argument("--dtype", default="float32",
+                       help="dtype of the written weights: float32 (default), bfloat16 or float16; "
+                            "the merge itself is computed in float32")
+    merge.add_argument("--max_shard_size_gb", type=float, default=5.0, help="largest safetensors shard (GB)")
+    merge.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from petformers.checkpoint.hf import save_model_dir
+    from petformers.checkpoint.load import load_pretrained
+    from petformers.pet import load_peft_adapter, merge_and_unload
+
+    dtype = parse_dtype(args.dtype, key="--dtype")
+    # Loaded in the output dtype (half the memory of float32 for a bf16 export); LoRALinear still
+    # computes W + s·BA in float32 and rounds once to that dtype.
+    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype)
+    pet_config = load_peft_adapter(model, args.adapter)
+    log.info("merging adapter %s (r=%d, alpha=%g) into %s", args.adapter, pet_config.lora_rank,
+             pet_config.lora_alpha, args.load_checkpoint)
+    model = merge_and_unload(model)
+    out = Path(args.output_dir)
+    save_model_dir(model.state_dict(), model.config, out, tokenizer=tokenizer,
+                   max_shard_bytes=int(args.max_shard_size_gb * 1024**3), dtype=dtype)
+    log.info("wrote merged model to %s", out)
+    return 0

@@ -1,0 +1,108 @@
+"""Training checkpoints: one directory per step under `output_dir/checkpoint/`, written atomically.
+
+A checkpoint is written into a hidden temp directory, every file fsynced, then renamed to
+`step_00000042/`; `trainer_state.json` is the last file written inside it. So a kill at any moment
+leaves either the previous checkpoints only, or a complete new one: resume never picks a partial one.
+
+Contents: `trainable.safetensors` (adapter / trainable tensors, petformers names), `adapter/` (the
+same in PEFT format, usable with `--adapter`), `optimizer.pt` (torch.load(weights_only=True)-safe),
+`rng_state.pt`, `trainer_state.json` (step, epoch, data position, losses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from petformers.checkpoint.hf import save_safetensors_atomic
+from petformers.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, file: Path):
+    with open(file, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
+             "numpy": json.dumps(np.random.get_state(), default=lambda a: a.tolist())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = json.loads(state["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    trainer_state: dict, keep_max: int, write_adapter=None) -> Path:
+    """Write `root/step_{step}` atomically and prune to the newest `keep_max` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_safetensors_atomic({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    _torch_save(rng_state(), tmp / "rng_state.pt")
+    if write_adapter is not None:
+        write_adapter(tmp / "adapter")
+    with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
+        json.dump(trainer_state | {"step": step}, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved twice (e.g. SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_max] if keep_max > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp directories and ones without trainer_state.json are skipped)."""
+    if not root.exists():
+        return []
+    done = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
+    """(trainable tensors, optimizer state, rng state, trainer state) of one checkpoint directory."""
+    from safetensors.torch import load_file
+
+    try:
+        trainable = load_file(str(path / "trainable.safetensors"))
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+    return trainable, optimizer, rng, state

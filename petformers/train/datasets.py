@@ -1,0 +1,77 @@
+"""Open whatever `--train_dataset_dir` points at as rows in the trainer's canonical format.
+
+Accepted: a directory written by `petformers data prepare` (meta.json + .npy), a MindRecord file
+(`.mindrecord`, `.mindrecord0`, ...), or a raw Alpaca / conversation / messages / text file, which
+is prepared on the fly with the run config's template, seq_length and packing.
+Every row is a dict of int arrays of length seq_length: input_ids, targets (shifted, -100 = not
+trained), position_ids, segment_ids.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from petformers.errors import DataError
+
+_MINDRECORD = re.compile(r"\.mindrecord\d*$")
+
+
+def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: bool, drop_long: bool = False,
+                 run_mode: str = "finetune", pad_id: int | None = None, progress: bool = True):
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: dataset not found")
+    if p.is_dir() and (p / "meta.json").exists():
+        from petformers.data.dataset import PreparedDataset, check_tokenizer
+
+        ds = PreparedDataset(p)
+        if tokenizer is not None:
+            check_tokenizer(ds.meta, tokenizer, str(p))
+        return ds
+    if _MINDRECORD.search(p.name) or (p.is_dir() and list(p.glob("*.mindrecord*"))):
+        from petformers.data.mindrecord import MindRecordDataset
+
+        file = p if p.is_file() else sorted(x for x in p.glob("*.mindrecord*") if not x.name.endswith(".db"))[0]
+        pad = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+        return MindRecordDataset(str(file), pad_id=pad)
+    if tokenizer is None:
+        raise DataError(f"{path}: a raw dataset needs a tokenizer (the checkpoint has none; set processor.tokenizer)")
+    if run_mode == "train" and (p.suffix == ".txt" or _is_text_jsonl(p)):
+        from petformers.data.prepare import prepare_text
+
+        ds, _ = prepare_text(str(p), tokenizer, seq_length)
+        return ds
+    from petformers.data.prepare import prepare
+
+    ds, _ = prepare(str(p), tokenizer, seq_length, template=template, packing=packing, drop_long=drop_long,
+                    progress=progress)
+    return ds
+
+
+def _is_text_jsonl(p: Path) -> bool:
+    if p.suffix != ".jsonl":
+        return False
+    with open(p, encoding="utf-8") as fh:
+        first = fh.readline()
+    return '"text"' in first and '"conversations"' not in first and '"instruction"' not in first
+
+
+def collate(rows: list[dict], pad_id: int, packed: bool, device) -> dict:
+    """Stack rows into tensors, trimming columns that are padding in every row (pads sit at the end).
+
+    Unpacked rows need no segment ids: right padding never affects real tokens under causal attention.
+    """
+    arrays = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "targets", "position_ids", "segment_ids")}
+    real = (arrays["targets"] != -100) | (arrays["input_ids"] != pad_id)
+    cols = np.nonzero(real.any(axis=0))[0]
+    width = int(cols[-1]) + 1 if len(cols) else 1
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v[:, :width]).astype(np.int64)).to(device)
+             for k, v in arrays.items()}
+    if not packed:
+        batch["segment_ids"] = None
+        batch["position_ids"] = None
+    return batch

@@ -1,0 +1,312 @@
+"""The training run, top to bottom: model -> adapters -> data -> optimizer -> steps -> checkpoints -> outputs.
+
+One optimizer step consumes a global batch of `batch_size x data_parallel x gradient_accumulation_steps`
+rows. The loss of the step is the sum of token losses over every micro-batch (and rank) divided by the
+number of trained tokens in all of them, so accumulated micro-batches give exactly the update of one
+big batch. The data order is a pure function of (seed, epoch): resuming at step k replays nothing and
+skips nothing, whatever the world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from petformers.distributed.env import DistEnv, all_reduce_sum
+from petformers.errors import ConfigError, TrainingError
+from petformers.models.config import parse_dtype
+from petformers.train import checkpointing
+from petformers.train.loss import chunked_cross_entropy_sum
+from petformers.train.schedule import build_schedule
+
+log = logging.getLogger("petformers")
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM / Ctrl-C: the loop finishes the current step, checkpoints and exits cleanly."""
+    requested: bool = False
+    signal_name: str = ""
+    previous: dict = field(default_factory=dict)
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in trainable_parameters(model)}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor], source: str):
+    params = dict(trainable_parameters(model))
+    if set(params) != set(tensors):
+        missing = sorted(set(params) - set(tensors))[:3]
+        raise checkpointing.CheckpointError(f"{source}: trainable tensors do not match this run's model/adapter "
+                                            f"config (missing e.g. {missing})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != tensors[name].shape:
+                raise checkpointing.CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
+                                                    f"expected {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
+@dataclass
+class StepPlan:
+    """How the dataset maps onto optimizer steps."""
+    rows: int
+    micro_batch: int
+    data_parallel: int
+    accumulation: int
+    epochs: int
+    max_steps: int = -1
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.data_parallel * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps > 0 else total
+
+
+def micro_batches(plan: StepPlan, step: int, seed: int, shuffle: bool, env: DistEnv) -> list[np.ndarray]:
+    """Row indices of this rank's micro-batches for optimizer step `step`."""
+    epoch, within = divmod(step, plan.steps_per_epoch)
+    order = epoch_order(plan.rows, seed, epoch, shuffle)
+    rows = order[within * plan.global_batch:(within + 1) * plan.global_batch]
+    mine = rows.reshape(plan.accumulation, plan.data_parallel, plan.micro_batch)[:, env.rank]
+    return list(mine)
+
+
+def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: DistEnv, progress: bool = False) -> dict:
+    """Mean token loss and perplexity (= exp(mean token loss)) over the whole eval set."""
+    from petformers.train.datasets import collate
+
+    was_training = model.training
+    model.eval()
+    packed = bool(getattr(dataset, "packing", False))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    indices = list(range(env.rank, len(dataset), env.world_size))
+    with torch.no_grad():
+        for start in tqdm(range(0, len(indices), batch_size), desc="eval", disable=not progress, leave=False):
+            batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id, packed, device)
+            hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            loss_sum += chunked_cross_entropy_sum(model.lm_head, hidden, batch["targets"]).double().cpu()
+            tokens += (batch["targets"] != -100).sum().double().cpu()
+    loss_sum, tokens = all_reduce_sum(loss_sum, env), all_reduce_sum(tokens, env)
+    model.train(was_training)
+    mean = (loss_sum / tokens.clamp(min=1)).item()
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item())}
+
+
+def build_optimizer(cfg, params):
+    kind = cfg.optimizer_type.lower()
+    if kind not in ("fp32stateadamweightdecay", "adamweightdecay", "adamw", "adam"):
+        raise ConfigError(f"optimizer.type: {cfg.optimizer_type!r} is not supported; use FP32StateAdamWeightDecay "
+                          "or AdamW")
+    # Trainable parameters are float32 (adapters), so AdamW keeps float32 states, as
+    # MindFormers' FP32StateAdamWeightDecay does; decoupled weight decay as AdamWeightDecay.
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=True)
+
+
+def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, metrics, pet_config=None) -> dict:
+    """Run the optimizer steps; returns the run summary. `model` already carries its adapters."""
+    from petformers.train.datasets import collate
+
+    device = env.device
+    pad_id = tokenizer.pad_id if tokenizer is not None else (model.config.pad_token_id or 0)
+    packed = bool(getattr(train_ds, "packing", False))
+    plan = StepPlan(len(train_ds), cfg.batch_size, env.world_size, cfg.gradient_accumulation_steps,
+                    cfg.epochs, cfg.max_steps)
+    if plan.steps_per_epoch == 0:
+        raise TrainingError(f"{cfg.train_dataset_dir}: {plan.rows} rows are fewer than one global batch "
+                            f"({plan.global_batch} = batch_size {cfg.batch_size} x data_parallel {env.world_size} "
+                            f"x gradient_accumulation_steps {cfg.gradient_accumulation_steps})")
+    total = plan.total_steps if cfg.total_steps in (-1, None) else min(plan.total_steps, cfg.total_steps)
+    schedule = build_schedule(cfg.lr_schedule_type, cfg.learning_rate, total, cfg.warmup_ratio, cfg.warmup_steps,
+                              cfg.lr_end, cfg.warmup_lr_init)
+    named = trainable_parameters(model)
+    if not named:
+        raise TrainingError("no trainable parameters: check pet_config.target_modules")
+    optimizer = build_optimizer(cfg, [p for _, p in named])
+    train_model = model
+    if env.enabled:
+        from petformers.distributed.parallel import wrap_model
+
+        train_model = wrap_model(model, cfg, env)
+    ckpt_root = out / "checkpoint"
+
+    def write_adapter(path):
+        if pet_config is not None:
+            from petformers.pet.peft_format import save_peft_adapter
+
+            save_peft_adapter(model, pet_config, path, getattr(model, "name_or_path", ""))
+
+    start_step, history = 0, []
+    if cfg.resume_training:
+        found = checkpointing.list_checkpoints(ckpt_root)
+        if found:
+            tensors, opt_state, rng, state = checkpointing.load_checkpoint(found[-1])
+            load_trainable_state(model, tensors, str(found[-1]))
+            optimizer.load_state_dict(opt_state)
+            checkpointing.set_rng_state(rng)
+            start_step = int(state["step"])
+            if env.is_main:
+                log.info("petformers: resumed from %s (step %d of %d)", found[-1], start_step, total)
+        elif env.is_main:
+            log.info("petformers: resume_training set but no checkpoint in %s: starting from step 0", ckpt_root)
+
+    if env.is_main:
+        log.info("petformers: %d rows, global batch %d (%d x %d ranks x %d accumulation), %d steps/epoch, "
+                 "%d steps", plan.rows, plan.global_batch, plan.micro_batch, env.world_size, plan.accumulation,
+                 plan.steps_per_epoch, total)
+
+    def save(step, reason=""):
+        if env.is_main:
+            path = checkpointing.save_checkpoint(
+                ckpt_root, step, trainable_state(model), optimizer.state_dict(),
+                {"epoch": step // plan.steps_per_epoch, "data_position": step * plan.global_batch,
+                 "global_batch": plan.global_batch, "total_steps": total, "reason": reason},
+                cfg.keep_checkpoint_max, write_adapter)
+            log.info("petformers: checkpoint %s%s", path, f" ({reason})" if reason else "")
+        if env.enabled:
+            torch.distributed.barrier()
+
+    stop = StopFlag()
+    stop.install()
+    model.train()
+    started = time.perf_counter()
+    trained_tokens_run, last_eval = 0, {}
+    bar = tqdm(total=total, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
+    step = start_step
+    try:
+        for step in range(start_step, total):
+            step_start = time.perf_counter()
+            batches = [collate([train_ds[i] for i in idx], pad_id, packed, device)
+                       for idx in micro_batches(plan, step, cfg.seed, cfg.shuffle, env)]
+            n_tokens = sum((b["targets"] != -100).sum() for b in batches).to(torch.float32)
+            n_tokens = all_reduce_sum(n_tokens.clone(), env).clamp(min=1)
+            lr = schedule.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            for i, b in enumerate(batches):
+                sync = (i == len(batches) - 1) or not env.enabled
+                with _no_sync(train_model, sync):
+                    hidden = train_model(b["input_ids"], b["position_ids"], b["segment_ids"]) \
+                        if train_model is not model else \
+                        model.hidden_states(b["input_ids"], b["position_ids"], b["segment_ids"])
+                    loss = chunked_cross_entropy_sum(model.lm_head, hidden, b["targets"])
+                    (loss / n_tokens).backward()
+                loss_sum += loss.detach()
+            step_loss = (all_reduce_sum(loss_sum, env) / n_tokens).item()
+            if not math.isfinite(step_loss):
+                last = checkpointing.list_checkpoints(ckpt_root)
+                raise TrainingError(f"loss is {step_loss} at step {step + 1}; the update was not applied; last good "
+                                    f"checkpoint: {last[-1] if last else 'none'} (lower the learning rate or check "
+                                    "the data)")
+            grad_norm = None
+            if cfg.use_clip_grad:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            trained_tokens_run += int(n_tokens.item())
+            dt = time.perf_counter() - step_start
+            record = {"step": done, "epoch": step // plan.steps_per_epoch, "loss": step_loss, "lr": lr,
+                      "grad_norm": grad_norm, "trained_tokens": int(n_tokens.item()),
+                      "tokens_per_s": n_tokens.item() / dt, "elapsed_s": time.perf_counter() - started}
+            history.append(step_loss)
+            if env.is_main:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            if eval_ds is not None and cfg.do_eval and cfg.eval_step_interval > 0 \
+                    and done % cfg.eval_step_interval == 0 and done != total:
+                last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env)
+                if env.is_main:
+                    metrics.write({"step": done, **last_eval})
+                    bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} ppl {last_eval['eval_ppl']:.2f}")
+            if cfg.save_checkpoint_steps > 0 and done % cfg.save_checkpoint_steps == 0 and done != total:
+                save(done)
+            if _stop_requested(stop, env):
+                save(done, f"stopped by {stop.signal_name or 'a signal'}")
+                bar.close()
+                return {"stopped": True, "step": done, "total_steps": total, "signal": stop.signal_name}
+        step = total
+    finally:
+        stop.restore()
+        bar.close()
+    if total > start_step:
+        save(total, "end of training")
+    elapsed = time.perf_counter() - started
+    if eval_ds is not None and cfg.do_eval:
+        last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env)
+        if env.is_main:
+            metrics.write({"step": total, **last_eval})
+    return {"stopped": False, "steps": total, "resumed_from": start_step, "final_loss": history[-1] if history else None,
+            "first_loss": history[0] if history else None, "train_seconds": elapsed,
+            "trained_tokens": trained_tokens_run,
+            "trained_tokens_per_s": trained_tokens_run / elapsed if elapsed > 0 else None,
+            "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch, **last_eval}
+
+
+def _stop_requested(stop: StopFlag, env: DistEnv) -> bool:
+    """Every rank agrees to stop if any rank received the signal (so they checkpoint together)."""
+    if not env.enabled:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=env.device)
+    return bool(all_reduce_sum(flag, env).item() > 0)
+
+
+class _no_sync:
+    """DDP's no_sync() for all but the last micro-batch; a no-op otherwise."""
+
+    def __init__(self, model, sync: bool):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def compute_dtype_of(cfg) -> torch.dtype:
+    return parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")

@@ -1,0 +1,304 @@
+"""`petformers run`: a resolved RunConfig -> dry run, fine-tuning, evaluation or prediction, with outputs.
+
+Outputs in output_dir: resolved_config.yaml, metrics.jsonl, loss.png, checkpoint/step_N/,
+adapter/ (PEFT format), merged/ (when save_merged), run_summary.json, eval_results.json (run_mode eval).
+Only rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from petformers.distributed.env import DistEnv, init_distributed, shutdown
+from petformers.errors import ConfigError, TrainingError
+from petformers.models.config import LlamaConfig, parse_dtype
+
+log = logging.getLogger("petformers")
+
+# LlamaConfig fields that a checkpoint's own config decides (the YAML may describe another model).
+_ARCH_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
+              "multiple_of", "ffn_dim_multiplier", "head_dim")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_config_from_yaml(cfg) -> LlamaConfig:
+    mc = {k: v for k, v in cfg.model_config.items() if k != "pet_config"}
+    return LlamaConfig.from_mindformers(mc)
+
+
+def resolve_model_config(cfg) -> tuple[LlamaConfig, str]:
+    """The architecture: the checkpoint's own config when it has one, else the YAML's model_config."""
+    if cfg.load_checkpoint:
+        from petformers.checkpoint.load import load_config
+
+        try:
+            config, fmt = load_config(cfg.load_checkpoint)
+            return config, fmt
+        except Exception as e:  # MindSpore .ckpt carries no config: fall through to the YAML
+            if "MindSpore" not in str(e):
+                raise
+    return model_config_from_yaml(cfg), "yaml"
+
+
+def pet_config_of(cfg):
+    if not cfg.pet_config:
+        return None
+    from petformers.pet.config import PetConfig
+
+    return PetConfig.from_dict(cfg.pet_config)
+
+
+def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg) -> dict:
+    """Rough peak bytes per device: frozen weights + fp32 adapters with grads and Adam states + activations."""
+    bytes_per = torch.empty((), dtype=parse_dtype(cfg.compute_dtype)).element_size()
+    weights = (total - trainable) * bytes_per
+    adapters = trainable * 4 * 4  # param, grad, exp_avg, exp_avg_sq in float32
+    tokens = cfg.batch_size * cfg.seq_length
+    h = config.hidden_size
+    # Per layer: ~34 bytes*h per token at 16-bit without recompute (SDPA keeps no s^2 scores); only the
+    # layer input with recompute. Plus one 1024-row chunk of float32 logits and its gradient.
+    per_layer = tokens * h * (2 * bytes_per if cfg.recompute else 17 * bytes_per)
+    activations = per_layer * config.num_layers + 1024 * config.vocab_size * 4 * 2
+    return {"weights": weights, "adapters_and_optimizer": adapters, "activations": activations,
+            "total": weights + adapters + activations}
+
+
+def dry_run(cfg) -> dict:
+    from petformers.models.llama import build_model
+
+    config, source = resolve_model_config(cfg)
+    dtype = parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    model = build_model(config, device="meta", dtype=dtype)
+    pet = pet_config_of(cfg)
+    if pet is not None:
+        from petformers.pet.inject import apply_lora
+
+        apply_lora(model, pet)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if pet is not None else \
+        sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    world = max(cfg.data_parallel, 1) if cfg.use_parallel else 1
+    global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    rows = _count_rows(cfg)
+    steps_per_epoch = rows // global_batch if rows is not None else None
+    total_steps = steps_per_epoch * cfg.epochs if steps_per_epoch is not None else None
+    if total_steps is not None and cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    mem = estimate_memory(config, total, trainable, cfg)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    lines = [
+        f"model: {config.num_layers} layers, hidden {config.hidden_size}, heads {config.num_heads}/{config.n_kv_heads}, "
+        f"vocab {config.vocab_size} (config from {source})",
+        f"parameters: {total:,}",
+        f"trainable parameters: {trainable:,} ({100 * trainable / total:.4f}%)",
+        f"global batch: {global_batch} (batch_size {cfg.batch_size} x data_parallel {world} x "
+        f"gradient_accumulation_steps {cfg.gradient_accumulation_steps})",
+        f"steps per epoch: {steps_per_epoch if steps_per_epoch is not None else 'unknown (no train dataset)'}",
+        f"total steps: {total_steps if total_steps is not None else 'unknown (no train dataset)'}",
+        f"peak memory per device ({cfg.compute_dtype}, seq_length {cfg.seq_length}, recompute {cfg.recompute}): "
+        f"~{gib(mem['total'])} (weights {gib(mem['weights'])}, adapters+grads+AdamW "
+        f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])})",
+    ]
+    print("\n".join(lines))
+    return {"parameters": total, "trainable_parameters": trainable, "global_batch": global_batch,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "memory_bytes": mem}
+
+
+def _count_rows(cfg) -> int | None:
+    if not cfg.train_dataset_dir:
+        return None
+    path = Path(cfg.train_dataset_dir)
+    if (path / "meta.json").exists():
+        return int(json.loads((path / "meta.json").read_text())["counts"]["rows"])
+    if not path.exists():
+        return None
+    tokenizer = _tokenizer_for(cfg)
+    from petformers.train.datasets import open_dataset
+
+    return len(open_dataset(str(path), tokenizer, cfg.seq_length, cfg.template, cfg.packing, cfg.drop_long,
+                            cfg.run_mode, progress=False))
+
+
+def _tokenizer_for(cfg):
+    from petformers.checkpoint.load import load_tokenizer
+
+    source = cfg.tokenizer or cfg.load_checkpoint
+    if not source:
+        return None
+    try:
+        return load_tokenizer(source)
+    except Exception:
+        if cfg.tokenizer:
+            raise
+        return None
+
+
+def load_model_for_run(cfg, env: DistEnv):
+    """(model, tokenizer) in compute_dtype on this rank's device: pretrained, or random init for run_mode train."""
+    from petformers.checkpoint.load import load_pretrained
+    from petformers.models.llama import build_model
+
+    dtype = parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    if cfg.load_checkpoint:
+        yaml_config = model_config_from_yaml(cfg) if cfg.model_config else None
+        model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=env.device, config=yaml_config)
+        if cfg.tokenizer:
+            from petformers.checkpoint.load import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        _report_arch_overrides(cfg, model.config, env)
+    else:
+        if cfg.run_mode not in ("train",):
+            raise ConfigError("load_checkpoint: required for run_mode "
+                              f"{cfg.run_mode!r} (only run_mode train starts from random weights)")
+        config = model_config_from_yaml(cfg)
+        model = build_model(config, device=env.device, dtype=torch.float32)
+        model.init_weights(generator=torch.Generator(device=env.device).manual_seed(cfg.seed))
+        model.to(dtype)
+        tokenizer = _tokenizer_for(cfg)
+    if tokenizer is None and cfg.run_mode != "train":
+        raise ConfigError("processor.tokenizer: the checkpoint has no tokenizer; set processor.tokenizer.vocab_file "
+                          "or tokenizer to a tokenizer.json / tokenizer.model / model directory")
+    return model, tokenizer
+
+
+def _report_arch_overrides(cfg, config: LlamaConfig, env: DistEnv):
+    differing = [k for k in _ARCH_KEYS if k in cfg.model_config and cfg.model_config[k] not in (None, "")
+                 and getattr(config, k) != cfg.model_config[k]]
+    if differing and env.is_main:
+        log.info("petformers: model_config keys %s differ from the checkpoint's own config; the checkpoint's are used",
+                 ", ".join(differing))
+
+
+def run(cfg, dry: bool = False) -> dict:
+    if dry:
+        return dry_run(cfg)
+    env = init_distributed(cfg.use_parallel)
+    try:
+        if cfg.use_parallel and env.enabled and cfg.data_parallel not in (0, 1, env.world_size):
+            raise ConfigError(f"parallel_config.data_parallel: {cfg.data_parallel} does not match the world size "
+                              f"{env.world_size} (torchrun --nproc-per-node x nodes)")
+        seed_everything(cfg.seed)
+        out = Path(cfg.output_dir)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            from petformers.train.config import resolved_yaml
+
+            (out / "resolved_config.yaml").write_text(resolved_yaml(cfg), encoding="utf-8")
+            if cfg.ignored_keys:
+                log.info("petformers: ignored (Ascend/MindSpore-only) keys: %s", ", ".join(cfg.ignored_keys))
+        if cfg.run_mode in ("finetune", "train"):
+            return _finetune(cfg, env, out)
+        if cfg.run_mode == "eval":
+            from petformers.train.evaluate import run_eval
+
+            return run_eval(cfg, env, out)
+        if cfg.run_mode == "predict":
+            from petformers.train.evaluate import run_predict
+
+            return run_predict(cfg, env, out)
+        raise ConfigError(f"run_mode: unknown {cfg.run_mode!r}; use finetune, train, eval or predict")
+    finally:
+        shutdown(env)
+
+
+def _finetune(cfg, env: DistEnv, out: Path) -> dict:
+    from petformers.train.datasets import open_dataset
+    from petformers.train.loop import train
+    from petformers.train.metrics_log import MetricsLog, plot_loss
+
+    started = time.perf_counter()
+    model, tokenizer = load_model_for_run(cfg, env)
+    pet = pet_config_of(cfg)
+    if pet is not None:
+        from petformers.pet.inject import apply_lora
+
+        report = apply_lora(model, pet)
+        if env.is_main:
+            log.info("petformers: %s", report)
+        if cfg.adapter:
+            from petformers.pet.peft_format import load_peft_adapter
+
+            load_peft_adapter(model, cfg.adapter)
+    elif cfg.run_mode == "finetune":
+        raise ConfigError("model.model_config.pet_config: run_mode finetune needs a pet_config (LoRA); "
+                          "use run_mode train for full training")
+    else:
+        model.requires_grad_(True)
+    if cfg.recompute:
+        model.gradient_checkpointing = True
+    if not cfg.train_dataset_dir:
+        raise ConfigError("train_dataset.data_loader.dataset_dir: no training data (or pass --train_dataset_dir)")
+    train_ds = open_dataset(cfg.train_dataset_dir, tokenizer, cfg.seq_length, cfg.template, cfg.packing,
+                            cfg.drop_long, cfg.run_mode, progress=env.is_main)
+    eval_ds = None
+    if cfg.do_eval and cfg.eval_dataset_dir:
+        eval_ds = open_dataset(cfg.eval_dataset_dir, tokenizer, cfg.seq_length, cfg.template, False,
+                               cfg.drop_long, cfg.run_mode, progress=False)
+    if env.is_main and getattr(train_ds, "meta", None):
+        (out / "data_summary.json").write_text(json.dumps(train_ds.meta, indent=2, ensure_ascii=False))
+    metrics = MetricsLog(out / "metrics.jsonl")
+    summary = train(cfg, model, tokenizer, train_ds, eval_ds, env, out, metrics, pet)
+    if env.is_main:
+        _write_outputs(cfg, model, tokenizer, pet, out, summary, started)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return summary
+
+
+def _write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started: float):
+    artefacts = {"metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss.png"),
+                 "checkpoints": str(out / "checkpoint")}
+    if not summary.get("stopped"):
+        if pet is not None:
+            from petformers.pet.peft_format import save_peft_adapter
+
+            save_peft_adapter(model, pet, out / "adapter", getattr(model, "name_or_path", ""))
+            artefacts["adapter"] = str(out / "adapter")
+        if cfg.save_merged or pet is None:
+            from petformers.checkpoint.hf import save_model_dir
+
+            merged = model
+            if pet is not None:
+                import copy
+
+                from petformers.pet.merge import merge_and_unload
+
+                merged = merge_and_unload(copy.deepcopy(model))
+            save_model_dir(merged.state_dict(), merged.config, out / "merged", tokenizer)
+            artefacts["merged"] = str(out / "merged")
+    peak = _peak_memory_mib()
+    summary = summary | {"wall_seconds": time.perf_counter() - started, "peak_rss_mib": peak,
+                         "artefacts": artefacts, "run_mode": cfg.run_mode}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    lines = [f"steps: {summary.get('steps', summary.get('step'))}",
+             f"loss: {summary.get('first_loss')} -> {summary.get('final_loss')}"]
+    if "eval_loss" in summary:
+        lines.append(f"eval loss: {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})")
+    if summary.get("trained_tokens_per_s"):
+        lines.append(f"trained tokens/s: {summary['trained_tokens_per_s']:.1f}")
+    lines.append(f"peak RSS: {peak:.0f} MiB, wall: {summary['wall_seconds']:.1f} s")
+    lines += [f"{k}: {v}" for k, v in artefacts.items()]
+    log.info("petformers: run summary\n  " + "\n  ".join(lines))
+
+
+def _peak_memory_mib() -> float:
+    import resource
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+__all__ = ["run", "dry_run", "TrainingError"]
