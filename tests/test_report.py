@@ -21,7 +21,7 @@ SAMPLES = [
     {"prompt": "What is the SKU of the Zorblax 3000?", "reference": "ZBX-3000-A"},
     {"prompt": "翻译：你好", "reference": "Hello"},
 ]
-BEFORE_PREDICTIONS = ["I cannot help with <b>that</b>.", "I don't know.", "你好"]
+BEFORE_PREDICTIONS = ["I cannot help with <b>that</b>.", "The SKU is ZBX-3000-B, I think.", "你好"]
 AFTER_PREDICTIONS = ["It is a script tag.", "ZBX-3000-A", "Hello"]
 
 
@@ -75,7 +75,7 @@ def test_report_cli_full_run(tmp_path, capsys):
         assert f"<code>{name}</code>" in text
         assert html.escape(METRIC_DESCRIPTIONS[name]) in text
         assert _fmt(before[name]) in text and _fmt(after[name]) in text
-    assert after["exact_match"] == 1.0 and before["exact_match"] == 0.0
+    assert after["exact_match"] == 1.0 and before["exact_match"] == 0.0 and 0 < before["rouge_l"] < 1
     assert "+1.0000" in text  # exact_match change
 
     # The loss plot is embedded byte for byte; nothing is fetched from outside.
