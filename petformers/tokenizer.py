@@ -11,6 +11,7 @@ and a `tojson` filter.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import datetime
@@ -222,6 +223,18 @@ class Tokenizer:
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **tokens) -> str:
     from jinja2 import TemplateError
+
+    try:
+        return _compile_chat_template(template).render(messages=messages,
+                                                       add_generation_prompt=add_generation_prompt, **tokens)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template failed: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(template: str):
+    """Compiled once per template: compiling takes milliseconds, rendering microseconds (data prep renders 100k+)."""
+    from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -236,8 +249,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **tokens)
+        return env.from_string(template)
     except TemplateError as e:
         raise TokenizerError(f"chat template failed: {e}") from None
 

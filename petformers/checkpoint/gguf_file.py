@@ -8,7 +8,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from petformers.errors import CheckpointError
+from petformers.errors import CheckpointError, ConfigError
+from petformers.models.config import LlamaConfig
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
@@ -38,6 +39,16 @@ def read_metadata(reader) -> dict:
         except Exception:  # unusual field types are not needed by petformers
             continue
     return meta
+
+
+def read_config(reader, metadata: dict, source: str) -> LlamaConfig:
+    """The model config from GGUF metadata; embeddings are tied when the file has no output.weight."""
+    try:
+        config = LlamaConfig.from_gguf(metadata)
+    except ConfigError as e:  # another architecture (gpt2, qwen2, ...) or keys missing: name the file
+        raise CheckpointError(f"{source}: {e}") from None
+    config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    return config
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from petformers.checkpoint import names
-from petformers.errors import CheckpointError
+from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 
 
@@ -21,7 +21,10 @@ def read_config(path: Path) -> LlamaConfig:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return LlamaConfig.from_hf(cfg)
+    try:
+        return LlamaConfig.from_hf(cfg)
+    except ConfigError as e:  # another architecture, or keys missing: name the file
+        raise CheckpointError(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def weight_files(path: Path) -> list[Path]:

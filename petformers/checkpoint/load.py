@@ -53,7 +53,8 @@ def load_config(path_or_name) -> tuple[LlamaConfig, str]:
     if fmt == "meta":
         return meta_pth.read_config(path), fmt
     if fmt == "gguf":
-        return LlamaConfig.from_gguf(gguf_file.read_metadata(gguf_file.open_reader(path))), fmt
+        reader = gguf_file.open_reader(path)
+        return gguf_file.read_config(reader, gguf_file.read_metadata(reader), str(path)), fmt
     raise CheckpointError(f"{path}: a MindSpore checkpoint carries no config; pass the YAML's model_config")
 
 
@@ -90,8 +91,7 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
     elif fmt == "gguf":
         reader = gguf_file.open_reader(path)
         metadata = gguf_file.read_metadata(reader)
-        config = LlamaConfig.from_gguf(metadata)
-        config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+        config = gguf_file.read_config(reader, metadata, str(path))
         tensors = gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, str(path))
         if with_tokenizer:
             tokenizer = Tokenizer.from_gguf_metadata(metadata, source=str(path))

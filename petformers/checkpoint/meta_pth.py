@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from petformers.errors import CheckpointError
+from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 
 # Dimension along which Meta's model-parallel shards split each weight (None: replicated).
@@ -19,11 +19,15 @@ _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1,
 
 
 def read_config(path: Path) -> LlamaConfig:
+    file = path / "params.json"
     try:
-        params = json.loads((path / "params.json").read_text(encoding="utf-8"))
+        params = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'params.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return LlamaConfig.from_meta(params)
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    try:
+        return LlamaConfig.from_meta(params)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {str(e).removeprefix('params.json: ')}") from None
 
 
 def shard_files(path: Path) -> list[Path]:

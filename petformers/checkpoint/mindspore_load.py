@@ -10,9 +10,8 @@ petformers' `<module>.lora_a.weight` / `<module>.lora_b.weight`.
 
 `--load_checkpoint` may be
 - one `.ckpt` file;
-- a directory of `.ckpt` files, all loaded and combined (e.g. a base model file and a LoRA file,
-  as MindFormers loads every file of such a directory into the network); a model tensor present
-  in two files is an error;
+- a directory of `.ckpt` files, all read and combined into one model (e.g. a base model file and
+  a LoRA file); a model tensor present in two files is an error, since which one wins is unclear;
 - a directory of `rank_N/` subdirectories (per-rank checkpoints of a parallel run; the newest
   `.ckpt` of each, as MindFormers picks). Under data parallelism every rank holds a full copy and
   rank_0's is used. A tensor whose rank_0 shape is a fraction of the configured shape along one
@@ -45,7 +44,8 @@ _LAYER = re.compile(r"^model\.(layers\.\d+\.(?:attention\.w[qkvo]\.(?:weight|bia
                     r"|attention_norm\.weight|ffn_norm\.weight))$")
 _MINDPET = re.compile(r"^(.+)\.mindpet_delta_lora_([ab])$")
 _PF_LORA = re.compile(r"^(.+)\.lora_([ab])\.weight$")
-# Order of a decoder layer's parameters in MindFormers checkpoints (LLamaDecodeLayer's definition order).
+# Order of a decoder layer's parameters in MindFormers checkpoints (as in the MindSpore-written
+# fixtures), so that files written here match MindSpore's byte for byte.
 _LAYER_ORDER = ["ffn_norm", "attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 _SUFFIX_ORDER = ["weight", "bias", "lora_a.weight", "lora_b.weight"]
@@ -191,11 +191,14 @@ def read_model_tensors(path, expected: dict | None = None) -> dict[str, torch.Te
     ranks = _rank_dirs(path)
     if not ranks:
         raise CheckpointError(f"{path}: no .ckpt file and no rank_N/ directory: not a MindSpore checkpoint")
-    first = _model_tensors(read_ckpt(_newest_ckpt(ranks[0])), ranks[0])
+    def rank_tensors(rank_dir: Path) -> dict[str, torch.Tensor]:
+        file = _newest_ckpt(rank_dir)
+        return _model_tensors(read_ckpt(file), file)
+
+    first = rank_tensors(ranks[0])
     if expected is None or len(ranks) == 1 or _fits(first, expected):
         return first  # data parallel: rank_0 holds a full copy
-    per_rank = [first] + [_model_tensors(read_ckpt(_newest_ckpt(r)), r) for r in ranks[1:]]
-    return _merge_ranks(per_rank, expected)
+    return _merge_ranks([first] + [rank_tensors(r) for r in ranks[1:]], expected)
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -294,55 +297,65 @@ def _scaling(module: str, rank: int, pet_config, model) -> float:
     return float(alpha) / rank
 
 
+def merge_lora_tensors(base: dict, lora: dict, pet_config=None, model=None) -> dict[str, torch.Tensor]:
+    """`base` with every adapted weight replaced by W + scaling·B@A (computed in float32, cast back to W's dtype).
+
+    scaling is the LoRA module's own `scaling` when `model` has one, else alpha/r (alpha/√r with
+    use_rslora) from `pet_config` (a PetConfig or the YAML's pet_config mapping).
+    """
+    out = dict(base)
+    for name in lora:
+        module, ab = _PF_LORA.match(name).groups()
+        if ab == "b":
+            continue
+        a, b = lora[name], lora.get(f"{module}.lora_b.weight")
+        weight = out.get(f"{module}.weight")
+        if b is None or weight is None:
+            raise AdapterError(f"cannot merge {module!r}: its lora_b or base weight is missing")
+        if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise AdapterError(f"cannot merge {module!r}: lora_a {list(a.shape)} and lora_b {list(b.shape)} do not "
+                               f"fit its weight {list(weight.shape)}")
+        delta = _scaling(module, a.shape[0], pet_config, model) * (b.detach().float() @ a.detach().float())
+        out[f"{module}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
+    return out
+
+
 def save_mindformers_ckpt(model_or_state, path, mode: str = "trainable", pet_config=None,
                           dtype: torch.dtype | None = None, crc: bool = False) -> Path:
-    """Write a petformers model (or its state dict) as a `.ckpt` MindFormers loads.
+    """Write a petformers model (or its state dict) as a `.ckpt` MindFormers loads; returns the path.
 
     mode:
     - "trainable": the adapter only, mindpet names (`...wq.mindpet_delta_lora_a`), as MindFormers
-      saves trainable parameters; given a model, every parameter with requires_grad is written.
-    - "merged": base weights with `W + scaling·B@A` folded in (scaling alpha/r, or alpha/√r with
-      use_rslora, or the LoRA module's own `scaling`), MindFormers names, no LoRA tensors — what
-      MindFormers' transform_ckpt_lora produces; loads into a plain (non-PET) MindFormers Llama.
+      saves trainable parameters; given a model in training, every parameter with requires_grad
+      is written (modules_to_save under their base names).
+    - "merged": base weights with the LoRA update folded in (see `merge_lora_tensors`),
+      MindFormers names, no LoRA tensors: what MindFormers' transform_ckpt_lora produces, for a
+      plain (non-PET) MindFormers Llama.
     - "full": base weights and mindpet LoRA tensors side by side (a PET network's full checkpoint).
-    `dtype` casts floating tensors (default: as they are). The merge is computed in float32.
+    `dtype` casts floating tensors (default: as they are). Tensors are written in MindFormers' order.
     """
     if mode not in ("trainable", "merged", "full"):
         raise AdapterError(f"save_mindformers_ckpt: mode {mode!r} is not one of trainable, merged, full")
     model = model_or_state if isinstance(model_or_state, torch.nn.Module) else None
-    if model is not None:
-        state = {n: p for n, p in model.state_dict(keep_vars=True).items()}
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    else:
-        state, tied = dict(model_or_state), False
-    state = {n.replace(".base_layer.", "."): t for n, t in state.items()}
-    if tied:
-        state.pop("lm_head.weight", None)
-    if any("magnitude" in n for n in state):
-        raise AdapterError("DoRA adapters have no mindpet equivalent; merge them and save mode='merged' from a "
-                           "merged model, or train plain LoRA")
+    if model is not None and mode != "trainable" and any(getattr(m, "merged", False) is True for m in model.modules()):
+        raise AdapterError(f"save_mindformers_ckpt(mode={mode!r}): the model's LoRA is merged in place; "
+                           "unmerge it first")
+    state = model.state_dict(keep_vars=True) if model is not None else dict(model_or_state)
+    # LoRALinear keeps W as `<module>.weight`; ModuleToSave wraps its copy as `<module>.module.*`.
+    state = {n.replace(".base_layer.", ".").replace(".module.", "."): t for n, t in state.items()}
+    if any(n.endswith("magnitude") for n in state):
+        raise AdapterError("DoRA adapters have no mindpet equivalent: save mode='merged' from a merged model, "
+                           "or train plain LoRA")
     lora = {n: t for n, t in state.items() if _is_lora(n)}
     if mode == "trainable":
-        if model is not None:
-            chosen = {n: t for n, t in state.items() if getattr(t, "requires_grad", False)}
-        else:
-            chosen = lora
+        # A model being trained says what is trainable; a frozen one (or a state dict) gives its LoRA tensors.
+        chosen = {n: t for n, t in state.items() if getattr(t, "requires_grad", False)} or lora
         if not chosen:
             raise AdapterError("save_mindformers_ckpt: nothing trainable to save (no LoRA tensors)")
     elif mode == "full":
         chosen = state
     else:
-        chosen = {n: t for n, t in state.items() if not _is_lora(n)}
-        for name in lora:
-            module, ab = _PF_LORA.match(name).groups()
-            if ab == "b":
-                continue
-            a, b = lora[name], lora.get(f"{module}.lora_b.weight")
-            weight = chosen.get(f"{module}.weight")
-            if b is None or weight is None:
-                raise AdapterError(f"cannot merge {module!r}: its lora_b or base weight is missing")
-            delta = _scaling(module, a.shape[0], pet_config, model) * (b.detach().float() @ a.detach().float())
-            chosen[f"{module}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
+        chosen = merge_lora_tensors({n: t for n, t in state.items() if not _is_lora(n)}, lora, pet_config, model)
     out = {}
     for name in sorted(chosen, key=_order_key):
         tensor = chosen[name].detach()

@@ -357,8 +357,17 @@ def is_text_file(path) -> bool:
     path = Path(path)
     if path.suffix.lower() == ".txt":
         return True
-    text, _ = read_text(path)
-    return detect_format(path, read_records(path, text)) == "text"
+    try:  # look at the first record only; errors are reported when the file is read for real
+        with open(path, encoding="utf-8-sig") as fh:
+            head = fh.read(1 << 20).lstrip()
+        if head.startswith("["):
+            first, _ = json.JSONDecoder().raw_decode(head, len(head) - len(head[1:].lstrip()))
+        else:
+            first = json.loads(head.split("\n", 1)[0])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(first, dict) and "text" in first and not {"conversations", "messages", "instruction",
+                                                                "output"} & first.keys()
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -129,3 +129,18 @@ def chat_pieces(messages: list[dict], tokenizer, end_of_turn: list[str]) -> list
         done = end
     pieces.append((full[done:], False))
     return [p for p in pieces if p[0]]
+
+
+def render_prompt(messages: list[dict], template: str, tokenizer) -> str:
+    """The text a model sees before it answers the last (user) turn of `messages`, for generation.
+
+    Earlier answers end with the eos token's text. bos is not included: encode the text with
+    `add_special_tokens=True` (fastchat, alpaca); a chat template writes its own.
+    """
+    if template == "chat":
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    tpl = Template(template, tokenizer)
+    pieces = tpl.pieces([*messages, {"role": "assistant", "content": "-"}])[:-2]  # without the dummy answer + eos
+    if tpl.bos:
+        pieces = pieces[1:]
+    return "".join(value if isinstance(value, str) else tokenizer.eos_token or "" for value, _ in pieces)

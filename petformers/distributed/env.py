@@ -1,9 +1,16 @@
-"""The process group: torchrun's environment -> (rank, world size, device); gloo on CPU, nccl on CUDA."""
+"""The process group: torchrun's environment -> (rank, world size, device); gloo on CPU, nccl on CUDA.
+
+Collectives time out after PETFORMERS_DIST_TIMEOUT seconds (default 600) instead of torch's 30
+minutes, so that a rank waiting for a vanished peer fails and torchrun ends the job. Ranks other
+than 0 log warnings and errors only: rank 0 alone prints progress.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,9 +41,21 @@ def init_distributed(use_parallel: bool) -> DistEnv:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        timeout = timedelta(seconds=float(os.environ.get("PETFORMERS_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+    if not env.is_main:
+        logging.getLogger("petformers").setLevel(logging.WARNING)
+    return env
+
+
+def fail_if_asked(step: int, env: DistEnv):
+    """Test hook: PETFORMERS_FAIL_AT_STEP=N makes rank PETFORMERS_FAIL_RANK (default 1) raise at step N
+    (1-based), to check that one failing rank ends the whole job quickly with its message."""
+    at = os.environ.get("PETFORMERS_FAIL_AT_STEP")
+    if at and step + 1 == int(at) and env.rank == int(os.environ.get("PETFORMERS_FAIL_RANK", "1")):
+        raise RuntimeError(f"PETFORMERS_FAIL_AT_STEP: rank {env.rank} fails at step {step + 1} as asked")
 
 
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -22,6 +22,7 @@ _IGNORED_MINDFORMERS_KEYS = {
     "lora_a_init": "use init_lora_weights",
     "lora_b_init": "use init_lora_weights",
 }
+_reported: set[tuple[str, str]] = set()
 _INIT_CHOICES = (True, False, "kaiming", "gaussian", "pissa")
 
 
@@ -128,15 +129,15 @@ class PetConfig:
         kwargs = {}
         for key, value in d.items():
             if key in _IGNORED_MINDFORMERS_KEYS:
-                log.info("%s.%s ignored: %s", key_path, key, _IGNORED_MINDFORMERS_KEYS[key])
+                if (key_path, key) not in _reported:  # the config is read more than once per run
+                    _reported.add((key_path, key))
+                    log.info("%s.%s ignored: %s", key_path, key, _IGNORED_MINDFORMERS_KEYS[key])
             elif key == "exclude_layers":
                 kwargs.setdefault("exclude_modules", value)
             elif key in ("freeze_include", "freeze_exclude"):
                 if value:
                     raise ConfigError(f"{key_path}.{key}: not supported; list fully trained modules in "
                                       "modules_to_save instead")
-            elif key in ("type", "pet_type"):  # some MindFormers configs spell it `type: LoraConfig`
-                kwargs["pet_type"] = "lora" if str(value).lower() in ("lora", "loraconfig") else value
             elif key in known:
                 kwargs[key] = value
             else:

@@ -52,6 +52,7 @@ def apply_lora(model: nn.Module, pet_config: PetConfig) -> str:
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module):
+    module.train(model.get_submodule(name).training)  # an eval model stays in eval mode (no dropout)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 

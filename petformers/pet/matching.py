@@ -59,8 +59,8 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None, modules
             selected = matches(target_modules, name)
         if not selected or (exclude_modules and matches(exclude_modules, name)):
             continue
-        if modules_to_save and matches(modules_to_save, name):
-            continue  # trained in full instead (PEFT never adapts a module it saves)
+        if modules_to_save and _inside(modules_to_save, name):
+            continue  # trained in full instead (PEFT never adapts a module it saves, nor one inside it)
         if not isinstance(module, nn.Linear):
             raise AdapterError(f"target_modules {target_modules!r} matches {name!r}, a {type(module).__name__}; "
                                "LoRA applies to linear layers only: "
@@ -70,6 +70,12 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None, modules
         raise AdapterError(f"target_modules {target_modules!r} matches no linear layer of this model; "
                            f"its linear layers are: {shorten(linear)}")
     return targets
+
+
+def _inside(pattern: list[str], name: str) -> bool:
+    """Whether the module or one of its parents matches `pattern` (list rule)."""
+    parts = name.split(".")
+    return any(matches(pattern, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
 def shorten(module_names: list[str]) -> str:

@@ -34,7 +34,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                device="meta")
             linear.weight, linear.bias = module.weight, module.bias
-            replacements.append((name, linear.requires_grad_(False)))
+            replacements.append((name, linear.requires_grad_(False).train(module.training)))
         elif isinstance(module, ModuleToSave):
             replacements.append((name, module.unwrap()))
     for name, new in replacements:

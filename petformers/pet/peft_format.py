@@ -13,7 +13,6 @@ whatever regex or petformers names the YAML used.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -25,9 +24,8 @@ from petformers.errors import AdapterError
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import adapter_parameters, apply_lora, load_lora_state_dict, lora_state_dict
 from petformers.pet.lora import LoRALinear
+from petformers.pet.matching import pattern_value
 from petformers.pet.module_to_save import ModuleToSave
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -138,6 +136,9 @@ def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
 def load_peft_adapter(model: nn.Module, adapter_dir) -> PetConfig:
     """Inject LoRA into `model` as the adapter's config says, load its tensors; returns that config.
 
+    A model that already has LoRA layers (apply_lora from the YAML, to continue training an adapter)
+    is not injected again: the adapter must then have the same layers, ranks and scalings.
+
     Errors (AdapterError, one line): no adapter_config.json, unreadable safetensors, a tensor
     missing or extra, a shape that does not fit (another rank, or an adapter of another base model).
     """
@@ -145,7 +146,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir) -> PetConfig:
     pet_config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     file = adapter_dir / WEIGHTS_FILE
-    apply_lora(model, pet_config)
+    if adapter_parameters(model):  # LoRA already injected (e.g. from the YAML): the adapter must fit it
+        _check_same_scaling(model, pet_config, adapter_dir / CONFIG_FILE)
+    else:
+        apply_lora(model, pet_config)
     expected = adapter_parameters(model)
     by_key = {peft_key(name): name for name in expected}
     unexpected = sorted(set(tensors) - set(by_key))
@@ -164,6 +168,17 @@ def load_peft_adapter(model: nn.Module, adapter_dir) -> PetConfig:
         state[name] = tensors[key]
     load_lora_state_dict(model, state, source=str(file))
     return pet_config
+
+
+def _check_same_scaling(model: nn.Module, c: PetConfig, source: Path):
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            alpha = pattern_value(c.alpha_pattern, name, c.lora_alpha)
+            rank = pattern_value(c.rank_pattern, name, c.lora_rank)
+            if (m.use_dora, round(m.scaling, 6)) != (c.use_dora, round(c.scaling(rank, alpha), 6)):
+                raise AdapterError(f"{source}: the adapter's {name} (scaling {c.scaling(rank, alpha):g}, "
+                                   f"use_dora {c.use_dora}) differs from the model's LoRA layer "
+                                   f"(scaling {m.scaling:g}, use_dora {m.use_dora}); make pet_config match the adapter")
 
 
 def _shape_hint(name: str, found: tuple, want: tuple, c: PetConfig) -> str:

@@ -6,7 +6,10 @@ leaves either the previous checkpoints only, or a complete new one: resume never
 
 Contents: `trainable.safetensors` (adapter / trainable tensors, petformers names), `adapter/` (the
 same in PEFT format, usable with `--adapter`), `optimizer.pt` (torch.load(weights_only=True)-safe),
-`rng_state.pt`, `trainer_state.json` (step, epoch, data position, losses).
+`rng_state.pt`, `trainer_state.json` (step, epoch, data position, losses), `model_config.json` and
+`pet_config.json` (what `petformers ckpt consolidate` rebuilds the adapter with). Under FSDP the
+trainable tensors and optimizer state are a sharded `dcp/` directory instead, written by every rank
+(petformers.distributed.dcp); either layout resumes at any world size.
 """
 
 from __future__ import annotations
@@ -60,23 +63,42 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    trainer_state: dict, keep_max: int, write_adapter=None) -> Path:
+                    trainer_state: dict, keep_max: int, write_adapter=None, extra_json: dict | None = None) -> Path:
     """Write `root/step_{step}` atomically and prune to the newest `keep_max` checkpoints."""
+    tmp = begin_checkpoint(root, step)
+    save_safetensors_atomic({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    return commit_checkpoint(root, tmp, step, trainer_state, keep_max, write_adapter, extra_json)
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """A fresh hidden temp directory to write step `step` into (sharded checkpoints: every rank writes there)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_safetensors_atomic({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    return tmp
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, keep_max: int, write_adapter=None,
+                      extra_json: dict | None = None) -> Path:
+    """Add rng state, adapter, `extra_json` files ({name: object}) and trainer_state.json (last) to
+    `tmp`, fsync, rename it to `root/step_{step}` and prune to the newest `keep_max` checkpoints."""
+    final = root / f"step_{step:08d}"
     _torch_save(rng_state(), tmp / "rng_state.pt")
     if write_adapter is not None:
         write_adapter(tmp / "adapter")
+    for name, obj in (extra_json or {}).items():
+        with open(tmp / name, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
     with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
         json.dump(trainer_state | {"step": step}, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(directory)
     if final.exists():  # the same step saved twice (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)

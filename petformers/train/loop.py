@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from petformers.distributed.env import DistEnv, all_reduce_sum
+from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked
+from petformers.distributed.parallel import clip_grad_norm
 from petformers.errors import ConfigError, TrainingError
 from petformers.models.config import parse_dtype
 from petformers.train import checkpointing
@@ -112,8 +113,13 @@ def micro_batches(plan: StepPlan, step: int, seed: int, shuffle: bool, env: Dist
     return list(mine)
 
 
-def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: DistEnv, progress: bool = False) -> dict:
-    """Mean token loss and perplexity (= exp(mean token loss)) over the whole eval set."""
+def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: DistEnv, progress: bool = False,
+                  forward=None) -> dict:
+    """Mean token loss and perplexity (= exp(mean token loss)) over the whole eval set.
+
+    `forward` gives hidden states (default `model.hidden_states`; the FSDP wrapper when sharded).
+    Every rank runs the same number of batches (a rank out of rows repeats row 0, uncounted):
+    under FSDP each forward is a collective."""
     from petformers.train.datasets import collate
 
     was_training = model.training
@@ -122,10 +128,15 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     indices = list(range(env.rank, len(dataset), env.world_size))
+    forward = forward or model.hidden_states
+    per_rank = math.ceil(len(dataset) / env.world_size)
     with torch.no_grad():
-        for start in tqdm(range(0, len(indices), batch_size), desc="eval", disable=not progress, leave=False):
-            batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id, packed, device)
-            hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        for start in tqdm(range(0, per_rank, batch_size), desc="eval", disable=not progress, leave=False):
+            chunk = indices[start:start + batch_size]
+            batch = collate([dataset[i] for i in chunk or [0]], pad_id, packed, device)
+            hidden = forward(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            if not chunk:
+                continue
             loss_sum += chunked_cross_entropy_sum(model.lm_head, hidden, batch["targets"]).double().cpu()
             tokens += (batch["targets"] != -100).sum().double().cpu()
     loss_sum, tokens = all_reduce_sum(loss_sum, env), all_reduce_sum(tokens, env)
@@ -164,31 +175,47 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     named = trainable_parameters(model)
     if not named:
         raise TrainingError("no trainable parameters: check pet_config.target_modules")
-    optimizer = build_optimizer(cfg, [p for _, p in named])
-    train_model = model
+    train_model, sharded = model, False
     if env.enabled:
-        from petformers.distributed.parallel import wrap_model
+        from petformers.distributed.parallel import is_sharded, wrap_model
 
         train_model = wrap_model(model, cfg, env)
+        sharded = is_sharded(train_model)
+        named = trainable_parameters(model)  # FSDP replaced them by their shards
+    optimizer = build_optimizer(cfg, [p for _, p in named])
+    hidden_fn = train_model if sharded else None  # for evaluate_loss: FSDP's forward is collective
     ckpt_root = out / "checkpoint"
+    ckpt_meta = {"model_config.json": model.config.to_dict()}
+    if pet_config is not None:
+        ckpt_meta["pet_config.json"] = pet_config.to_dict()
 
-    def write_adapter(path):
+    def write_adapter(path, tensors=None):
+        """PEFT adapter of `model`, or (sharded) of whole `tensors` gathered on rank 0."""
         if pet_config is not None:
+            from petformers.distributed.parallel import plain_model
             from petformers.pet.peft_format import save_peft_adapter
 
-            save_peft_adapter(model, pet_config, path, getattr(model, "name_or_path", ""))
+            source = model if tensors is None else plain_model(model.config, pet_config, tensors,
+                                                                compute_dtype_of(cfg))
+            save_peft_adapter(source, pet_config, path, getattr(model, "name_or_path", ""))
 
     start_step, history = 0, []
     if cfg.resume_training:
         found = checkpointing.list_checkpoints(ckpt_root)
         if found:
-            tensors, opt_state, rng, state = checkpointing.load_checkpoint(found[-1])
-            load_trainable_state(model, tensors, str(found[-1]))
-            optimizer.load_state_dict(opt_state)
+            from petformers.distributed import dcp
+
+            if sharded or dcp.is_sharded(found[-1]):  # resharded to this world size (auto_trans_ckpt)
+                rng, state = dcp.load_checkpoint(found[-1], model, optimizer)
+            else:
+                tensors, opt_state, rng, state = checkpointing.load_checkpoint(found[-1])
+                load_trainable_state(model, tensors, str(found[-1]))
+                optimizer.load_state_dict(opt_state)
             checkpointing.set_rng_state(rng)
             start_step = int(state["step"])
             if env.is_main:
-                log.info("petformers: resumed from %s (step %d of %d)", found[-1], start_step, total)
+                log.info("petformers: resumed from %s (step %d of %d, saved by %s rank(s))", found[-1], start_step,
+                         total, state.get("world_size", 1))
         elif env.is_main:
             log.info("petformers: resume_training set but no checkpoint in %s: starting from step 0", ckpt_root)
 
@@ -198,12 +225,18 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                  plan.steps_per_epoch, total)
 
     def save(step, reason=""):
+        state = {"epoch": step // plan.steps_per_epoch, "data_position": step * plan.global_batch,
+                 "global_batch": plan.global_batch, "total_steps": total, "reason": reason,
+                 "world_size": env.world_size}
+        if sharded:  # every rank writes its shards
+            from petformers.distributed import dcp
+
+            path = dcp.save_sharded_checkpoint(ckpt_root, step, model, optimizer, state, cfg.keep_checkpoint_max,
+                                               env, write_adapter if pet_config is not None else None, ckpt_meta)
+        elif env.is_main:
+            path = checkpointing.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer.state_dict(),
+                                                 state, cfg.keep_checkpoint_max, write_adapter, ckpt_meta)
         if env.is_main:
-            path = checkpointing.save_checkpoint(
-                ckpt_root, step, trainable_state(model), optimizer.state_dict(),
-                {"epoch": step // plan.steps_per_epoch, "data_position": step * plan.global_batch,
-                 "global_batch": plan.global_batch, "total_steps": total, "reason": reason},
-                cfg.keep_checkpoint_max, write_adapter)
             log.info("petformers: checkpoint %s%s", path, f" ({reason})" if reason else "")
         if env.enabled:
             torch.distributed.barrier()
@@ -218,6 +251,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     try:
         for step in range(start_step, total):
             step_start = time.perf_counter()
+            fail_if_asked(step, env)
             batches = [collate([train_ds[i] for i in idx], pad_id, packed, device)
                        for idx in micro_batches(plan, step, cfg.seed, cfg.shuffle, env)]
             n_tokens = sum((b["targets"] != -100).sum() for b in batches).to(torch.float32)
@@ -243,7 +277,9 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                                     "the data)")
             grad_norm = None
             if cfg.use_clip_grad:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm))
+                params = [p for _, p in named]
+                grad_norm = clip_grad_norm(params, cfg.max_grad_norm) if sharded else \
+                    float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -259,7 +295,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                 bar.update(1)
             if eval_ds is not None and cfg.do_eval and cfg.eval_step_interval > 0 \
                     and done % cfg.eval_step_interval == 0 and done != total:
-                last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env)
+                last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env, forward=hidden_fn)
                 if env.is_main:
                     metrics.write({"step": done, **last_eval})
                     bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} ppl {last_eval['eval_ppl']:.2f}")
@@ -277,9 +313,13 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         save(total, "end of training")
     elapsed = time.perf_counter() - started
     if eval_ds is not None and cfg.do_eval:
-        last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env)
+        last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env, forward=hidden_fn)
         if env.is_main:
             metrics.write({"step": total, **last_eval})
+    if sharded:  # rank 0 gets a plain model back for the final artefacts (adapter, merged)
+        from petformers.distributed.parallel import unshard_model
+
+        unshard_model(model, pet_config, compute_dtype_of(cfg), env)
     return {"stopped": False, "steps": total, "resumed_from": start_step, "final_loss": history[-1] if history else None,
             "first_loss": history[0] if history else None, "train_seconds": elapsed,
             "trained_tokens": trained_tokens_run,

@@ -225,9 +225,7 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
     if pet is not None:
         from petformers.pet.inject import apply_lora
 
-        report = apply_lora(model, pet)
-        if env.is_main:
-            log.info("petformers: %s", report)
+        apply_lora(model, pet)  # logs the trainable / total parameter report
         if cfg.adapter:
             from petformers.pet.peft_format import load_peft_adapter
 

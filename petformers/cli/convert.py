@@ -1,0 +1,146 @@
+"""`petformers convert`: MindSpore / MindFormers `.ckpt` <-> Hugging Face model directories.
+
+    petformers convert --from mindspore X.ckpt --config YAML --to hf --output_dir OUT
+    petformers convert --from hf DIR --to mindspore --output_dir OUT
+
+A `.ckpt` carries no shapes' meaning, so `--config` (a MindFormers YAML) gives the architecture
+through `model.model_config`; a checkpoint holding mindpet LoRA tensors is merged with its
+`pet_config` (W + alpha/r·B@A, as transform_ckpt_lora does). The Hugging Face directory written
+loads in transformers; the `.ckpt` written has MindFormers' names and loads in MindFormers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "convert", help="convert between MindSpore .ckpt and Hugging Face model directories",
+        description="Convert a MindFormers Llama checkpoint (.ckpt file, directory or rank_N/ layout) to a Hugging "
+                    "Face model directory, or a Hugging Face Llama directory to a MindFormers .ckpt.")
+    p.add_argument("source", help="the input: a .ckpt file / directory (--from mindspore) or a Hugging Face "
+                                  "model directory (--from hf)")
+    p.add_argument("--from", dest="src_format", required=True, choices=["mindspore", "hf"], help="input format")
+    p.add_argument("--to", dest="dst_format", required=True, choices=["hf", "mindspore"], help="output format")
+    p.add_argument("--config", help="MindFormers YAML whose model.model_config describes the model "
+                                    "(required with --from mindspore)")
+    p.add_argument("--output_dir", required=True, help="where to write the converted model")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the written weights: float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --to hf: a tokenizer (directory or tokenizer.model) to save beside the weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from petformers.errors import ConfigError
+    from petformers.models.config import parse_dtype
+
+    dtype = parse_dtype(args.dtype, "--dtype") if args.dtype else None
+    pair = (args.src_format, args.dst_format)
+    if pair == ("mindspore", "hf"):
+        if not args.config:
+            raise ConfigError("--config: converting a MindSpore checkpoint needs the MindFormers YAML whose "
+                              "model.model_config describes the model")
+        out = mindspore_to_hf(Path(args.source), Path(args.config), Path(args.output_dir), dtype, args.tokenizer)
+    elif pair == ("hf", "mindspore"):
+        out = hf_to_mindspore(Path(args.source), Path(args.output_dir), dtype)
+    else:
+        raise ConfigError(f"--from {args.src_format} --to {args.dst_format}: nothing to convert; "
+                          "use --from mindspore --to hf or --from hf --to mindspore")
+    print(out)
+    return 0
+
+
+def read_model_config(yaml_file: Path):
+    """(LlamaConfig, pet_config mapping or None) from a MindFormers YAML's model.model_config."""
+    import yaml
+
+    from petformers.errors import ConfigError
+    from petformers.models.config import LlamaConfig
+
+    try:
+        cfg = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{yaml_file}: cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{yaml_file}: invalid YAML{where}") from None
+    mc = ((cfg or {}).get("model") or {}).get("model_config") if isinstance(cfg, dict) else None
+    if not isinstance(mc, dict):
+        raise ConfigError(f"{yaml_file}: no model.model_config section (it gives the model's shapes)")
+    pet = mc.get("pet_config")
+    config = LlamaConfig.from_mindformers({k: v for k, v in mc.items() if k != "pet_config"})
+    return config, pet
+
+
+def mindspore_to_hf(source: Path, yaml_file: Path, out_dir: Path, dtype=None, tokenizer_path=None) -> Path:
+    """A MindFormers checkpoint (LoRA merged) -> a Hugging Face model directory; returns the directory."""
+    from petformers.checkpoint.hf import save_model_dir
+    from petformers.checkpoint.mindspore_load import iter_base_tensors, merge_lora_tensors, mindpet_lora_tensors
+    from petformers.errors import AdapterError, ConfigError
+    from petformers.pet.config import PetConfig
+
+    config, pet = read_model_config(yaml_file)
+    state = dict(iter_base_tensors(source, config))
+    lora = mindpet_lora_tensors(source, config)
+    if lora:
+        if not pet:
+            raise ConfigError(f"{yaml_file}: {source} holds mindpet LoRA tensors but model.model_config has no "
+                              "pet_config (its lora_alpha is needed to merge them)")
+        pet_config = PetConfig.from_dict(pet)
+        ranks = {t.shape[0] for n, t in lora.items() if ".lora_a." in n}
+        if not pet_config.rank_pattern and ranks != {pet_config.lora_rank}:
+            raise AdapterError(f"{source}: LoRA rank {sorted(ranks)} in the checkpoint, but "
+                               f"model.model_config.pet_config.lora_rank is {pet_config.lora_rank}")
+        state = merge_lora_tensors(state, lora, pet_config)
+        log.info("petformers: merged %d mindpet LoRA pairs (r=%d, alpha=%g)", len(lora) // 2,
+                 pet_config.lora_rank, pet_config.lora_alpha)
+    if dtype is None:
+        dtype = state["tok_embeddings.weight"].dtype
+    tokenizer = None
+    if tokenizer_path:
+        from petformers.checkpoint.load import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    save_model_dir(state, config, out_dir, tokenizer=tokenizer, dtype=dtype)
+    log.info("petformers: wrote Hugging Face model to %s", out_dir)
+    return out_dir
+
+
+def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
+    """A Hugging Face Llama directory -> `OUT/<source name>.ckpt` with MindFormers names; returns the file."""
+    from petformers.checkpoint import hf
+    from petformers.checkpoint.mindspore_load import expected_shapes, save_mindformers_ckpt
+    from petformers.errors import CheckpointError
+
+    config = hf.read_config(source)
+    expected = expected_shapes(config)
+    state = {}
+    for name, tensor in hf.iter_tensors(source):
+        if name not in expected:
+            raise CheckpointError(f"{source}: tensor {name!r} is not a parameter of a Llama model")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                  f"config.json gives {list(expected[name])}")
+        state[name] = tensor
+    if config.tie_word_embeddings and "lm_head.weight" not in state and "tok_embeddings.weight" in state:
+        # MindFormers' Llama YAMLs are untied: write lm_head so the model loads whatever the YAML says.
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}" +
+                              (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = save_mindformers_ckpt(state, out_dir / f"{source.resolve().name}.ckpt", mode="full", dtype=dtype)
+    log.info("petformers: wrote %s; its model.model_config: vocab_size %d, hidden_size %d, num_layers %d, "
+             "num_heads %d, n_kv_heads %d, intermediate_size %d, rms_norm_eps %g, theta %g",
+             path, config.vocab_size, config.hidden_size, config.num_layers, config.num_heads,
+             config.n_kv_heads, config.intermediate_size, config.rms_norm_eps, config.theta)
+    return path

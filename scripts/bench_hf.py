@@ -1,0 +1,193 @@
+"""The baseline of `make bench`: LoRA fine-tuning with transformers + peft, as a user would write it.
+
+A plain PyTorch loop: the model loaded by transformers (SDPA attention), PEFT's LoRA on q/k/v/o,
+each batch padded to its longest sample (dynamic padding), AdamW, cosine schedule with warmup,
+gradient clipping at 1.0. `--dtype bf16` wraps the forward pass and the loss in
+`torch.autocast("cpu", torch.bfloat16)`, the easiest speed setting transformers offers.
+
+Reads the conversations written by scripts/bench.py (OpenAI `messages` JSONL), renders each with
+the tokenizer's chat template, masks the prompt (label -100) and anything after the answer's
+end-of-turn token. Writes one JSON result; scripts/bench.py runs this in a subprocess of its own,
+so that the peak resident memory it measures belongs to this run alone.
+
+    python scripts/bench_hf.py --data bench/train.jsonl --dtype fp32 --steps 32 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def encode(tokenizer, messages: list[dict], seq_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the prompt (everything up to the assistant header) masked, the answer and its
+    end-of-turn token trained, the template's trailing text after it masked. Truncated to seq_length."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise SystemExit("bench_hf: the chat template does not render the prompt as a prefix of the conversation")
+    answer_end = full.find(tokenizer.eos_token, len(prompt) + len(messages[-1]["content"].strip()))
+    answer_end = len(full) if answer_end < 0 else answer_end + len(tokenizer.eos_token)
+    pieces = [(full[:len(prompt)], False), (full[len(prompt):answer_end], True), (full[answer_end:], False)]
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return ids[:seq_length], labels[:seq_length]
+
+
+def pad_batch(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-pad to the longest sample of this batch (transformers' DataCollatorForSeq2Seq does the same)."""
+    width = max(len(ids) for ids, _ in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(samples):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """The multiplier of the base lr at optimizer step `step` (0-based): transformers'
+    get_cosine_schedule_with_warmup, which is also MindFormers' CosineWithWarmUpLR with lr_end 0."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_model(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return model, tokenizer
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, config)
+
+
+def batch_loss(model, batch: dict, autocast: bool) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model(**batch).loss
+
+
+def evaluate(model, samples, batch_size: int, pad_id: int, autocast: bool) -> float | None:
+    """Mean token loss over held-out samples (the same samples for every run of the bench)."""
+    if not samples:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = pad_batch(samples[start:start + batch_size], pad_id)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += float(batch_loss(model, batch, autocast)) * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="training conversations (messages JSONL)")
+    ap.add_argument("--eval-data", type=Path, help="held-out conversations for the final eval loss")
+    ap.add_argument("--gguf", type=Path, help="model file (default: the cached SmolLM2-135M-Instruct GGUF)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast bfloat16")
+    ap.add_argument("--steps", type=int, default=32, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
+    ap.add_argument("--seq-length", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup-ratio", type=float, default=0.03)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, required=True, help="where to write the result JSON")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gguf = args.gguf
+    if gguf is None:
+        from petformers.checkpoint.download import download
+
+        gguf = download("smollm2-135m-instruct")
+    model, tokenizer = load_model(gguf)
+    model = add_lora(model, args.rank, args.alpha, args.dropout)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = [encode(tokenizer, m, args.seq_length) for m in read_conversations(args.data)]
+    eval_samples = [encode(tokenizer, m, args.seq_length) for m in read_conversations(args.eval_data)] \
+        if args.eval_data else []
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    warmup = int(round(args.warmup_ratio * args.steps))
+    order: list[int] = []
+    rng = random.Random(args.seed)
+    losses, step_seconds = [], []
+    trained = real = positions = 0
+    train_start = time.perf_counter()
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        while len(order) < args.batch_size:  # a new shuffled epoch when the current one runs out
+            epoch = list(range(len(samples)))
+            rng.shuffle(epoch)
+            order += epoch
+        chosen, order = order[:args.batch_size], order[args.batch_size:]
+        batch = pad_batch([samples[i] for i in chosen], pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * cosine_with_warmup(step, args.steps, warmup)
+        loss = batch_loss(model, batch, args.dtype == "bf16")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        trained += int((batch["labels"][:, 1:] != IGNORE).sum())
+        real += int(batch["attention_mask"].sum())
+        positions += batch["input_ids"].numel()
+        step_seconds.append(time.perf_counter() - t0)
+        print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} {step_seconds[-1]:.1f}s", file=sys.stderr,
+              flush=True)
+    train_s = time.perf_counter() - train_start
+    eval_loss = evaluate(model, eval_samples, args.batch_size, pad_id, args.dtype == "bf16")
+
+    result = {
+        "runner": "transformers + peft", "dtype": args.dtype, "steps": args.steps,
+        "samples_per_step": args.batch_size, "threads": torch.get_num_threads(),
+        "train_s": train_s, "trained_tokens": trained, "real_tokens": real, "computed_positions": positions,
+        "trained_tokens_per_s": trained / train_s, "first_loss": losses[0], "final_loss": losses[-1],
+        "losses": losses, "step_seconds": step_seconds, "eval_loss": eval_loss,
+        "load_and_setup_s": train_start - started,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
