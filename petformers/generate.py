@@ -61,6 +61,8 @@ def generate(model: Llama, prompts: list[list[int]], cfg: GenerationConfig, eos_
              generator: torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (without the final eos). `on_token(row, token)` streams them."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
@@ -110,4 +112,11 @@ class StreamPrinter:
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
         self.write(text[self.printed:])
+        self.printed = len(text)
+
+    def finish(self):
+        """Print what is still held back: an answer cut off mid-character ends with U+FFFD, as `decode` gives."""
+        text = self.tokenizer.decode(self.tokens)
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
         self.printed = len(text)

@@ -155,6 +155,8 @@ class Tokenizer:
     @classmethod
     def from_sentencepiece(cls, model_file: str | Path) -> "Tokenizer":
         import sentencepiece as spm
+        if not Path(model_file).is_file():
+            raise TokenizerError(f"{model_file}: no such file (a SentencePiece tokenizer.model is needed)")
         sp = spm.SentencePieceProcessor()
         try:
             sp.load(str(model_file))
@@ -166,26 +168,20 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "") -> "Tokenizer":
-        """Rebuild a byte-level BPE tokenizer ('gpt2' GGUF tokenizer model) from GGUF metadata."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+        """Rebuild the tokenizer a GGUF describes: byte-level BPE ('gpt2', Llama 3, SmolLM) or
+        SentencePiece BPE ('llama', Llama 2 / Mistral), as transformers rebuilds them."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported yet "
-                                 "(byte-level BPE 'gpt2' is); pass a Hugging Face tokenizer directory")
+        if kind not in ("gpt2", "llama"):
+            raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported ('gpt2' byte-level "
+                                 "BPE and 'llama' SentencePiece are); pass a Hugging Face tokenizer directory")
         tokens = meta["tokenizer.ggml.tokens"]
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if meta.get("tokenizer.ggml.pre") == "smollm":  # SmolLM splits digits one by one
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if kind == "gpt2":
+            backend = _gguf_byte_level_bpe(meta, source)
         else:
-            backend.pre_tokenizer = byte_level
-        backend.decoder = decoders.ByteLevel()
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+            backend = _gguf_sentencepiece_bpe(meta)
         special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
         user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
         backend.add_special_tokens(special)
@@ -196,10 +192,12 @@ class Tokenizer:
             i = meta.get(key)
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+        # llama.cpp adds bos to a SentencePiece vocabulary whose file does not say otherwise.
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
         return cls(backend, kind="tokenizers", bos_token=name("tokenizer.ggml.bos_token_id"),
                    eos_token=name("tokenizer.ggml.eos_token_id"),
                    pad_token=name("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   add_bos=bool(add_bos),
                    chat_template=meta.get("tokenizer.chat_template"),
                    extra_eos_ids=[meta.get("tokenizer.ggml.eot_token_id")], source=source)
 
@@ -219,6 +217,81 @@ class Tokenizer:
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# How byte-level BPE vocabularies split text before merging, by GGUF `tokenizer.ggml.pre` (llama.cpp's
+# names). The patterns are those of the models' own tokenizer.json files.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                "smaug-bpe": _LLAMA3_SPLIT, "tekken": _TEKKEN_SPLIT}
+_GPT2_PRE = (None, "default", "gpt2")
+
+
+def _gguf_byte_level_bpe(meta: dict, source: str):
+    import logging
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                     fuse_unk=False, byte_fallback=False))
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre in _GGUF_SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":  # SmolLM splits digits one by one, then GPT-2's pattern
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        if pre not in _GPT2_PRE:
+            logging.getLogger("petformers").warning(
+                "%s: GGUF pre-tokenizer %r is unknown to petformers; splitting text as GPT-2 does, which may "
+                "tokenize differently from the model's own tokenizer", source, pre)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def _gguf_sentencepiece_bpe(meta: dict):
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral) as a `tokenizers` BPE with byte fallback.
+    Files without merges get them from the token scores: a piece made of two pieces is their merge,
+    ranked by its score (what transformers does for these files)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+        merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                     prepend_scheme="first" if prefix else "never")
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    ranked = []
+    for piece, score in scores.items():
+        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        ranked.extend((score, left, right) for left, right in pairs)
+    ranked.sort(key=lambda r: (r[0], len(r[1]), len(r[2])), reverse=True)  # stable: ties keep their order
+    return [(left, right) for _, left, right in ranked]
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **tokens) -> str:

@@ -11,6 +11,7 @@ Every step is the public CLI a user would type:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -22,8 +23,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/smollm2/lora_smollm2_135m.yaml"
 RUN = ROOT / "output" / "smollm2_lora"
-EVAL_DATA = "demo/data/eval.json"
 TARGET_BEFORE, TARGET_AFTER = 0.10, 0.80
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="petformers demo: before/after LoRA fine-tune on the project's own data")
+    p.add_argument("--config", default=CONFIG)
+    p.add_argument("--load_checkpoint", default=None, help="another base model (default: the config's, SmolLM2)")
+    p.add_argument("--output_dir", default=str(RUN))
+    p.add_argument("--train", type=int, default=320, help="training records to generate")
+    p.add_argument("--eval", type=int, default=48, help="held-out records to generate")
+    p.add_argument("--data_dir", default="demo/data")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for every petformers run")
+    return p.parse_args(argv)
 
 
 def sh(*args: str):
@@ -32,30 +44,41 @@ def sh(*args: str):
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def evaluate(tag: str, adapter: str | None) -> dict:
-    out = RUN / f"eval_{tag}"
-    args = ["run", "--config", CONFIG, "--run_mode", "eval", "--eval_dataset_dir", EVAL_DATA,
-            "--output_dir", str(out), "eval_generation=True", "max_new_tokens=48"]
+def evaluate(opts, common: list[str], tag: str, adapter: str | None) -> dict:
+    run = Path(opts.output_dir)
+    out = run / f"eval_{tag}"
+    args = ["run", "--config", opts.config, "--run_mode", "eval", "--eval_dataset_dir",
+            f"{opts.data_dir}/eval.json", "--output_dir", str(out), *common, "eval_generation=True",
+            "max_new_tokens=48"]
     if adapter:
         args += ["--adapter", adapter]
     sh(*args)
     results = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
-    shutil.copy(out / "eval_results.json", RUN / f"eval_{tag}.json")
+    shutil.copy(out / "eval_results.json", run / f"eval_{tag}.json")
     return results
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    opts = parse_args(argv)
     started = time.time()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
-    if RUN.exists():
-        shutil.rmtree(RUN)
-    RUN.mkdir(parents=True)
-    sh("python", "demo/make_data.py")
-    sh("download", "smollm2-135m-instruct")
-    before = evaluate("before", None)
-    sh("run", "--config", CONFIG, "--output_dir", str(RUN))
-    after = evaluate("after", str(RUN / "adapter"))
-    sh("report", "--output_dir", str(RUN))
+    run_dir = Path(opts.output_dir).resolve()
+    opts.output_dir = str(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    common = list(opts.overrides)
+    if opts.load_checkpoint:
+        common += ["--load_checkpoint", opts.load_checkpoint]
+    sh("python", "demo/make_data.py", "--out_dir", opts.data_dir, "--train", str(opts.train),
+       "--eval", str(opts.eval))
+    if not opts.load_checkpoint:
+        sh("download", "smollm2-135m-instruct")
+    before = evaluate(opts, common, "before", None)
+    sh("run", "--config", opts.config, "--output_dir", str(run_dir), "--train_dataset_dir",
+       f"{opts.data_dir}/train.json", "--eval_dataset_dir", f"{opts.data_dir}/eval.json", *common)
+    after = evaluate(opts, common, "after", str(run_dir / "adapter"))
+    sh("report", "--output_dir", str(run_dir))
 
     b, a = before["metrics"], after["metrics"]
     print("\n" + "=" * 78)
@@ -74,10 +97,11 @@ def main() -> int:
         print(f"  before:    {sb['prediction'][:110]!r}")
         print(f"  after:     {sa['prediction'][:110]!r}\n")
     print("Artefacts:")
-    for name, path in (("PEFT adapter", RUN / "adapter"), ("merged model", RUN / "merged"),
-                       ("loss curve", RUN / "loss.png"), ("metrics", RUN / "metrics.jsonl"),
-                       ("report", RUN / "report.html"), ("run summary", RUN / "run_summary.json")):
-        print(f"  {name:<14}{path.relative_to(ROOT)}{'' if path.exists() else '  (missing!)'}")
+    for name, path in (("PEFT adapter", run_dir / "adapter"), ("merged model", run_dir / "merged"),
+                       ("loss curve", run_dir / "loss.png"), ("metrics", run_dir / "metrics.jsonl"),
+                       ("report", run_dir / "report.html"), ("run summary", run_dir / "run_summary.json")):
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        print(f"  {name:<14}{shown}{'' if path.exists() else '  (missing!)'}")
     elapsed = time.time() - started
     ok = b.get("exact_match", 1) < TARGET_BEFORE and a.get("exact_match", 0) > TARGET_AFTER
     print(f"\nTotal time: {elapsed / 60:.1f} min. Targets (exact match before < {TARGET_BEFORE:.0%}, "

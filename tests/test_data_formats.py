@@ -107,6 +107,7 @@ BAD = [
      ["bad.jsonl:1:", "messages[1].content: missing"]),
     ('[1, 2]\n', ["bad.jsonl:1:", "expected a JSON object"]),
     ('{"foo": 1}\n', ["bad.jsonl:1:", "cannot tell the format"]),
+    ('{"foo": 1}\n{"instruction": "a", "output": "b"}\n', ["bad.jsonl:1:", "instruction: missing"]),
 ]
 
 

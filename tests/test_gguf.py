@@ -54,7 +54,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir):
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir, pre: str = "default"):
     """The tiny byte-level BPE tokenizer as GGUF 'gpt2' tokenizer metadata, with the ChatML template."""
     tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -63,7 +63,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir):
     vocab.update(special)
     tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens])
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
@@ -212,6 +212,125 @@ def test_k_quants_dequantize_and_unpermute(tmp_path, tiny_tokenizer_dir):
         assert np.isfinite(on_disk).all()
         np.testing.assert_array_equal(got, on_disk, err_msg=name)
     assert model.config.head_dim == 64 and model.config.n_kv_heads == 2
+
+
+# ---- tokenizers rebuilt from GGUF metadata, against transformers' GGUF tokenizer ----------------
+
+TRICKY = ["In 2024, I'LL pay $1,234.56 — won't you?", "  two  spaces\n\nand lines\r\n", "你好，世界！🎉 مرحبا",
+          "x=12345678; y = x//3"]
+
+
+def write_tokenizer_gguf(path, fill) -> str:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_llama_metadata(writer, layers=1, hidden=64, ffn=96, heads=4, kv_heads=2, vocab=512)
+    fill(writer)
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def transformers_gguf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def unsplit_tokenizer_dir(tmp_path_factory, tiny_tokenizer_dir, alpaca_demo):
+    """A byte-level BPE trained without any pre-tokenizer split, so that its merges cross spaces, digits
+    and apostrophes: how a file's text is split before merging then changes its tokens."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    records = json.loads(alpaca_demo.read_text(encoding="utf-8"))
+    texts = [r["instruction"] + " " + r["output"] for r in records[:300]] + TRICKY * 20
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                  "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = tmp_path_factory.mktemp("unsplit")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_bytes((tiny_tokenizer_dir / "tokenizer_config.json").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "default", "smollm"])
+def test_byte_level_pre_tokenizers_match_transformers(tmp_path, unsplit_tokenizer_dir, pre):
+    """Llama 3 files ('llama-bpe') split numbers in threes and contractions case-insensitively;
+    GPT-2's split ('default') keeps a space with the word or number after it."""
+    from petformers.checkpoint.load import load_tokenizer
+
+    path = tmp_path / f"tok-{pre}.gguf"
+    write_tokenizer_gguf(path, lambda writer: add_tokenizer(writer, unsplit_tokenizer_dir, pre=pre))
+    ours = load_tokenizer(path)
+    for text in TRICKY:
+        assert ours.decode(ours.encode(text)) == text
+    if pre == "smollm":  # SmolLM's tokenizer.json splits digits one by one (transformers' GGUF loader does not)
+        pieces = [ours.decode([i]) for i in ours.encode("x=12345678; y = x//3")]
+        assert all(sum(c.isdigit() for c in piece) <= 1 for piece in pieces) and "x" in pieces
+        return
+    theirs = transformers_gguf_tokenizer(path)
+    for text in TRICKY:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_sentencepiece_gguf_matches_sentencepiece_and_transformers(tmp_path, alpaca_demo):
+    """A 'llama' (SentencePiece) vocabulary, as Llama 2 / Mistral GGUFs carry it: no merges, scores."""
+    import sentencepiece as spm
+    from test_meta_pth import train_sentencepiece
+
+    from petformers.checkpoint.load import load_tokenizer
+
+    proto = train_sentencepiece(alpaca_demo)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+
+    def token_type(i):
+        if sp.is_unknown(i):
+            return gguf.TokenType.UNKNOWN
+        if sp.is_control(i):
+            return gguf.TokenType.CONTROL
+        if sp.is_byte(i):
+            return gguf.TokenType.BYTE
+        return gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL
+
+    def fill(writer):
+        n = sp.get_piece_size()
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        writer.add_token_scores([sp.get_score(i) for i in range(n)])
+        writer.add_token_types([int(token_type(i)) for i in range(n)])
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+        writer.add_add_bos_token(True)
+
+    path = tmp_path / "spm.gguf"
+    write_tokenizer_gguf(path, fill)
+    ours, theirs = load_tokenizer(path), transformers_gguf_tokenizer(path)
+    texts = TRICKY + ["Give three tips for staying healthy.", "Hello world", " leading space", "ünïcödé"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == theirs.decode(ids), text
+        if not text.startswith(" "):
+            # SentencePiece itself agrees, except on text that starts with a space: its dummy prefix then
+            # makes two, where transformers' Metaspace (prepend_scheme "first") keeps one.
+            assert ids == sp.encode(text), text
+            assert ours.decode(ids) == sp.decode(ids) == text
+        assert ours.encode(text, add_special_tokens=True) == [1, *ids]
+    assert ours.fingerprint() == Tokenizer.from_sentencepiece(_write(tmp_path / "tokenizer.model", proto)).fingerprint()
+    assert (ours.bos_id, ours.eos_id, ours.eos_ids) == (1, 2, [2])
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
 
 
 # ---- bad GGUF files --------------------------------------------------------------------------

@@ -86,19 +86,25 @@ PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size":
           "ffn_dim_multiplier": 0.5, "norm_eps": 1e-5}  # 2*4*64/3 = 170 -> *0.5 = 85 -> multiple of 32 = 96
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_model(alpaca_demo) -> bytes:
-    """A real 512-piece SentencePiece BPE model (Meta's ids: unk 0, bos 1, eos 2, no pad)."""
+def train_sentencepiece(alpaca_json: Path, vocab_size: int = 512) -> bytes:
+    """A real SentencePiece BPE model trained with Llama 2's settings (identity normalisation, digits
+    split, byte fallback; ids unk 0, bos 1, eos 2, no pad)."""
     import sentencepiece as spm
 
-    records = json.loads(alpaca_demo.read_text(encoding="utf-8"))
+    records = json.loads(alpaca_json.read_text(encoding="utf-8"))
     lines = [r["instruction"] + " " + r["output"] for r in records[:400]]
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe",
-                                   vocab_size=512, character_coverage=1.0, byte_fallback=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-                                   minloglevel=2)
+                                   vocab_size=vocab_size, character_coverage=0.9995, byte_fallback=True,
+                                   split_digits=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(alpaca_demo) -> bytes:
+    return train_sentencepiece(alpaca_demo)
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +210,35 @@ def test_missing_shards_and_bad_params(tmp_path, meta_dir):
     empty = tmp_path / "no-shards"
     empty.mkdir()
     (empty / "params.json").write_text(json.dumps(PARAMS))
+    (empty / "tokenizer.model").write_bytes((meta_dir / "tokenizer.model").read_bytes())
     with pytest.raises(CheckpointError, match="consolidated"):
         load_pretrained(empty)
     (empty / "params.json").write_text(json.dumps({"n_layers": 2}))
     with pytest.raises(CheckpointError) as err:
         load_pretrained(empty)
     assert str(empty / "params.json") in str(err.value) and "dim" in str(err.value)
+
+
+def test_missing_tokenizer_model_is_named(tmp_path, meta_dir):
+    import shutil
+
+    from petformers.errors import TokenizerError
+
+    path = shutil.copytree(meta_dir, tmp_path / "no-tokenizer")
+    (path / "tokenizer.model").unlink()
+    with pytest.raises(TokenizerError) as err:
+        load_pretrained(path)
+    assert str(path / "tokenizer.model") in str(err.value) and "no such file" in str(err.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_truncated_pth_is_refused(tmp_path, meta_dir, keep):
+    import shutil
+
+    path = shutil.copytree(meta_dir, tmp_path / "truncated")
+    shard = path / "consolidated.00.pth"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(path)
+    assert str(shard) in str(err.value) and "\n" not in str(err.value)

@@ -4,7 +4,7 @@ Formats are recognised by what is on disk:
 - a `.gguf` file (llama.cpp);
 - a directory with `config.json` (Hugging Face, safetensors);
 - a directory with `params.json` and `consolidated.*.pth` (Meta);
-- a directory with a `.ckpt` (MindSpore), which needs the YAML's model_config (see `load_mindspore`).
+- a directory with a `.ckpt` (MindSpore), which needs the YAML's model_config (see `mindspore_load`).
 The model is built on the meta device and materialized once, in `dtype`, on `device`.
 """
 
@@ -60,10 +60,12 @@ def load_config(path_or_name) -> tuple[LlamaConfig, str]:
 
 def load_tokenizer(path_or_name) -> Tokenizer:
     path = download.resolve(path_or_name)
-    if path.is_file() and detect_format(path) == "gguf":
-        return Tokenizer.from_gguf_metadata(gguf_file.read_metadata(gguf_file.open_reader(path)), source=str(path))
     if path.is_file() and path.suffix == ".model":
         return Tokenizer.from_sentencepiece(path)
+    if path.is_file() and path.suffix == ".json":
+        return Tokenizer.from_dir(path.parent)
+    if path.is_file() and detect_format(path) == "gguf":
+        return Tokenizer.from_gguf_metadata(gguf_file.read_metadata(gguf_file.open_reader(path)), source=str(path))
     if (path / "tokenizer.model").exists() and not (path / "tokenizer.json").exists() \
             and not (path / "tokenizer_config.json").exists():
         return Tokenizer.from_sentencepiece(path / "tokenizer.model")

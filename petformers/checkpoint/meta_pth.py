@@ -6,6 +6,7 @@ Read with `torch.load(weights_only=True)`: never unpickle arbitrary objects from
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -46,8 +47,19 @@ def _permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _load(file: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # an object other than tensors: refused, never executed
+        raise CheckpointError(f"{file}: refused: it pickles objects other than tensors ({_reason(e)}); "
+                              "petformers loads weights only") from None
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot be read safely as a weights-only checkpoint ({e})") from None
+        raise CheckpointError(f"{file}: cannot be read as a weights-only checkpoint ({_reason(e)}); "
+                              "is it truncated?") from None
+
+
+def _reason(e: Exception) -> str:
+    """torch's multi-line message reduced to its telling line (the blocked GLOBAL, when there is one)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (telling or lines or [type(e).__name__])[0]
 
 
 def iter_tensors(path: Path, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:

@@ -51,5 +51,6 @@ def run(args):
 
         printer = StreamPrinter(tokenizer, write)
         generate(model, [ids], cfg, tokenizer.eos_ids, tokenizer.pad_id, generator, printer)
+        printer.finish()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": tokenizer.decode(printer.tokens)})

@@ -56,11 +56,17 @@ def run(args):
     cfg = generation_config(args)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     encoded = [encode_prompt(tokenizer, p, args.chat, args.system) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise DataError(f"--predict_data {args.predict_data[:80]!r}: prompt {i + 1} is empty "
+                            "(no tokens to continue from)")
     if len(encoded) == 1:
         def write(text):
             sys.stdout.write(text)
             sys.stdout.flush()
-        generate(model, encoded, cfg, tokenizer.eos_ids, tokenizer.pad_id, generator, StreamPrinter(tokenizer, write))
+        printer = StreamPrinter(tokenizer, write)
+        generate(model, encoded, cfg, tokenizer.eos_ids, tokenizer.pad_id, generator, printer)
+        printer.finish()
         sys.stdout.write("\n")
         return 0
     for start in range(0, len(encoded), args.batch_size):

@@ -75,6 +75,10 @@ class PreparedDataset(InMemoryDataset):
             raise DataError(f"{self.path}: arrays are {self.arrays['input_ids'].shape} but meta.json says "
                             f"[rows, seq_length] = {list(expected)}; prepare the dataset again")
 
+    def __reduce__(self):
+        # DataLoader workers started by spawn get the path and map the files again, not a copy of them.
+        return (PreparedDataset, (self.path,))
+
 
 def is_prepared(path) -> bool:
     return (Path(path) / "meta.json").is_file() and (Path(path) / "input_ids.npy").is_file()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,10 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
 
 
 def detect_format(path: Path, records: list[Record]) -> str:
-    """'alpaca', 'sharegpt', 'messages' or 'text', from the first JSON object of the file."""
+    """'alpaca', 'sharegpt', 'messages' or 'text': the format of the first record that shows one.
+
+    Records before it (not JSON, or objects of no known format) are reported as bad records later.
+    """
     for rec in records:
         if isinstance(rec.value, dict):
             keys = rec.value
@@ -171,9 +175,11 @@ def detect_format(path: Path, records: list[Record]) -> str:
                 return "alpaca"
             if "text" in keys:
                 return "text"
-            raise DataError(f"{rec.where}: cannot tell the format from keys {sorted(keys)[:8]}: expected "
-                            "'instruction'/'output' (Alpaca), 'conversations' (ShareGPT), 'messages' "
-                            "(OpenAI chat) or 'text' (raw text)")
+    first = next((r for r in records if isinstance(r.value, dict)), None)
+    if first is not None:
+        raise DataError(f"{first.where}: cannot tell the format from keys {sorted(first.value)[:8]}: expected "
+                        "'instruction'/'output' (Alpaca), 'conversations' (ShareGPT), 'messages' "
+                        "(OpenAI chat) or 'text' (raw text)")
     first = records[0]
     raise DataError(f"{first.where}: {first.error or 'expected a JSON object'}")
 
@@ -328,7 +334,7 @@ def load_texts(path, skip_invalid: bool = False) -> tuple[list[str], list[str], 
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".txt":
-        docs = [d.strip("\n") for d in text.replace("\r\n", "\n").split("\n\n")]
+        docs = [d.strip("\r\n") for d in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text)]
         return [d for d in docs if d.strip()], [], sha
     records = read_records(path, text)
     docs, skipped = [], []

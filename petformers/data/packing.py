@@ -80,18 +80,18 @@ def fill_rows(arrays: dict, ids: np.ndarray, targets: np.ndarray, lengths: np.nd
     segment[order] = np.arange(len(order)) - first_of_row
     used = np.bincount(row, weights=lengths, minlength=n_rows).astype(np.int64)
     count = np.bincount(row, minlength=n_rows).astype(np.int64)
-    columns = np.arange(seq, dtype=np.int64)[None, :]
+    columns = np.arange(seq, dtype=np.int32)[None, :]
+    used32, count32 = used.astype(np.int32), count.astype(np.int32)
     for r0 in range(0, n_rows, block_rows):
         r1 = min(r0 + block_rows, n_rows)
         lo, hi = np.searchsorted(row_sorted, [r0, r1])
         sel = order[lo:hi]
         # Padding first (positions restart at the row's used length), then the samples over it.
-        pad = columns >= used[r0:r1, None]
         block = {
             "input_ids": np.full((r1 - r0, seq), pad_id, np.int32),
             "targets": np.full((r1 - r0, seq), IGNORE_INDEX, np.int32),
-            "position_ids": np.where(pad, columns - used[r0:r1, None], 0).astype(np.int32),
-            "segment_ids": np.broadcast_to(count[r0:r1, None], (r1 - r0, seq)).astype(np.int32),
+            "position_ids": np.maximum(columns - used32[r0:r1, None], 0),
+            "segment_ids": np.repeat(count32[r0:r1, None], seq, axis=1),
         }
         n_sel = lengths[sel]
         total = int(n_sel.sum())

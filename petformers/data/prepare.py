@@ -71,7 +71,9 @@ def encode_samples(pieces: list[list], tokenizer, progress: bool = True) -> tupl
 
     Each text piece is tokenized on its own. With a dummy-prefix tokenizer (SentencePiece), a
     piece that continues text and starts with a space drops that space: the prefix stands for it,
-    so ` Making` after `ASSISTANT:` is `▁Making`, as in the whole round tokenized at once.
+    so ` Making` after `ASSISTANT:` is `▁Making`, as in the whole round tokenized at once. (A
+    piece that continues text without a space, as the alpaca template's answer after
+    `### Response:`, still gets the prefix: one '▁' more than the whole text would have.)
     """
     dummy = has_dummy_prefix(tokenizer)
     ids_parts, label_parts, lengths = [], [], []
@@ -122,18 +124,19 @@ def truncate(ids, labels, lengths, seq_length: int, drop_long: bool):
     n = len(lengths)
     too_long = lengths > seq_length
     new_len = np.minimum(lengths, seq_length)
-    if drop_long:
-        new_len[too_long] = 0
-    starts = np.cumsum(lengths) - lengths
-    pos = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)
-    token_keep = pos < np.repeat(new_len, lengths)
-    ids, labels = ids[token_keep], labels[token_keep]
+    if too_long.any():
+        if drop_long:
+            new_len[too_long] = 0
+        starts = np.cumsum(lengths) - lengths
+        pos = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)
+        token_keep = pos < np.repeat(new_len, lengths)
+        ids, labels = ids[token_keep], labels[token_keep]
     alive = new_len > 0
     kept = new_len[alive]
     targets = shift_targets(labels, kept)
     # A sample whose targets are all -100 teaches nothing: drop it too.
-    sample_of_token = np.repeat(np.arange(len(kept)), kept)
-    has_target = np.bincount(sample_of_token, weights=targets != IGNORE_INDEX, minlength=len(kept)) > 0
+    has_target = np.logical_or.reduceat(targets != IGNORE_INDEX, np.cumsum(kept) - kept) if len(kept) else \
+        np.zeros(0, bool)
     if not has_target.all():
         token_keep = np.repeat(has_target, kept)
         ids, targets, kept = ids[token_keep], targets[token_keep], kept[has_target]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from petformers.data.formats import PROMPT_INPUT, PROMPT_NO_INPUT, RecordError, alpaca_prompt
-from petformers.errors import DataError
+from petformers.errors import DataError, TokenizerError
 
 TEMPLATES = ("fastchat", "alpaca", "chat")
 
@@ -106,11 +106,17 @@ def alpaca_pieces(messages: list[dict], bos: list[int], eos: int) -> list[Piece]
 
 
 def chat_pieces(messages: list[dict], tokenizer, end_of_turn: list[str]) -> list[Piece]:
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    def render(msgs, add_generation_prompt):
+        try:
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        except TokenizerError as e:  # e.g. the template's raise_exception on roles it does not accept
+            raise RecordError("messages", str(e)) from None
+
+    full = render(messages, False)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     starts = []
     for i in answers:
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        prompt = render(messages[:i], True)
         if not full.startswith(prompt):
             raise RecordError("messages", "the chat template renders the prompt before this answer differently "
                               "from the whole conversation (a template that rewrites earlier turns cannot be "

@@ -14,7 +14,9 @@ loads in a single process without a process group (`read_trainable`, `petformers
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +46,14 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load; in one process that is the intent, not a surprise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
 def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep_max: int,
                             env: DistEnv, write_adapter=None, extra_json: dict | None = None) -> Path | None:
     """Every rank writes its shards of the trainable tensors and optimizer state; rank 0 the rest.
@@ -63,7 +73,8 @@ def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer, 
         dist.broadcast_object_list(tmp, src=0)
     tmp = Path(tmp[0])
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=_no_dist())
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=_no_dist())
     whole = gather_full_state(model, trainable_only=True) if write_adapter is not None else {}
     if not env.is_main:
         return None
@@ -99,7 +110,8 @@ def _load_sharded(path: Path, model: nn.Module, optimizer):
     _check_keys(path, set(model_sd), set(_saved_model_keys(path)))
     target = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(target, checkpoint_id=str(path / DCP_DIR), no_dist=_no_dist())
+        with _single_process_quiet():
+            dcp.load(target, checkpoint_id=str(path / DCP_DIR), no_dist=_no_dist())
     except Exception as e:
         raise CheckpointError(f"{path / DCP_DIR}: cannot load this sharded checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -152,5 +164,6 @@ def read_trainable(path: Path) -> dict[str, torch.Tensor]:
 
     tensors = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
                for name, meta in _saved_model_keys(path).items()}
-    dcp.load({"model": tensors}, checkpoint_id=str(path / DCP_DIR), no_dist=_no_dist())
+    with _single_process_quiet():
+        dcp.load({"model": tensors}, checkpoint_id=str(path / DCP_DIR), no_dist=_no_dist())
     return tensors

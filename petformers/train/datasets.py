@@ -40,7 +40,9 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
         return MindRecordDataset(str(file), pad_id=pad)
     if tokenizer is None:
         raise DataError(f"{path}: a raw dataset needs a tokenizer (the checkpoint has none; set processor.tokenizer)")
-    if run_mode == "train" and (p.suffix == ".txt" or _is_text_jsonl(p)):
+    from petformers.data.formats import is_text_file
+
+    if run_mode == "train" and is_text_file(p):
         from petformers.data.prepare import prepare_text
 
         ds, _ = prepare_text(str(p), tokenizer, seq_length)
@@ -50,14 +52,6 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
     ds, _ = prepare(str(p), tokenizer, seq_length, template=template, packing=packing, drop_long=drop_long,
                     progress=progress)
     return ds
-
-
-def _is_text_jsonl(p: Path) -> bool:
-    if p.suffix != ".jsonl":
-        return False
-    with open(p, encoding="utf-8") as fh:
-        first = fh.readline()
-    return '"text"' in first and '"conversations"' not in first and '"instruction"' not in first
 
 
 def collate(rows: list[dict], pad_id: int, packed: bool, device) -> dict:

@@ -151,9 +151,13 @@ def load_model_for_run(cfg, env: DistEnv):
     from petformers.models.llama import build_model
 
     dtype = parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    # Training under FSDP loads on the CPU: fully_shard moves each layer's shard to the device, so no
+    # device ever holds the whole model.
+    sharding = env.enabled and cfg.parallel_strategy == "fsdp" and cfg.run_mode in ("finetune", "train")
+    device = torch.device("cpu") if sharding else env.device
     if cfg.load_checkpoint:
         yaml_config = model_config_from_yaml(cfg) if cfg.model_config else None
-        model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=env.device, config=yaml_config)
+        model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config)
         if cfg.tokenizer:
             from petformers.checkpoint.load import load_tokenizer
 
@@ -164,8 +168,8 @@ def load_model_for_run(cfg, env: DistEnv):
             raise ConfigError("load_checkpoint: required for run_mode "
                               f"{cfg.run_mode!r} (only run_mode train starts from random weights)")
         config = model_config_from_yaml(cfg)
-        model = build_model(config, device=env.device, dtype=torch.float32)
-        model.init_weights(generator=torch.Generator(device=env.device).manual_seed(cfg.seed))
+        model = build_model(config, device=device, dtype=torch.float32)
+        model.init_weights(generator=torch.Generator(device=device).manual_seed(cfg.seed))
         model.to(dtype)
         tokenizer = _tokenizer_for(cfg)
     if tokenizer is None and cfg.run_mode != "train":

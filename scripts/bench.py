@@ -1,0 +1,417 @@
+"""`make bench`: petformers against transformers + peft, same model, data, LoRA, batch, steps and lr.
+
+Runs, one after another, each in a subprocess of its own (so each peak RSS is that run's alone):
+  (a) hf_peft_fp32  scripts/bench_hf.py --dtype fp32   transformers + peft, float32, dynamic padding
+  (b) hf_peft_bf16  scripts/bench_hf.py --dtype bf16   the same under torch.autocast(bfloat16)
+  (c) petformers    petformers run --config configs/bench/smollm2_bench.yaml   its defaults (packing,
+                    bf16 base with float32 adapters, chunked cross-entropy over trained positions)
+then writes docs/benchmarks.json and docs/benchmarks.md and prints the ratios.
+
+Workload: the first 256 records of ../shared/data/alpaca_en_demo.json as conversations (instruction
+and input as the user turn, output as the assistant turn, written to output/bench/data/train.jsonl),
+rendered by each tool with the model's chat template, prompt masked, seq_length 1024; 32 optimizer
+steps; the next 32 records are a held-out set whose mean token loss every run reports at the end.
+
+    python scripts/bench.py            # the full bench (~25 min on 2 cores)
+    python scripts/bench.py --quick    # 2 steps on 16 records: checks that everything runs
+    python scripts/bench.py --levers   # also measure the levers (scripts/bench_levers.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+CONFIG = ROOT / "configs" / "bench" / "smollm2_bench.yaml"
+RUNS = ("hf_peft_fp32", "hf_peft_bf16", "petformers")
+PEAK_KEY = {"hf_peft_fp32": "fp32", "hf_peft_bf16": "bf16", "petformers": "bf16"}
+
+
+# ---- the workload ---------------------------------------------------------------------------------
+
+def alpaca_conversation(record: dict) -> dict:
+    """An Alpaca record as an OpenAI `messages` record: instruction (+ blank line + input) -> answer."""
+    user = record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]}
+
+
+def write_workload(out: Path, records: int, eval_records: int) -> tuple[Path, Path | None]:
+    """train.jsonl (the first `records` records) and eval.jsonl (the next `eval_records`) under out/."""
+    data = json.loads(DATA.read_text(encoding="utf-8"))
+    if records + eval_records > len(data):
+        raise SystemExit(f"bench: {DATA} has {len(data)} records, fewer than {records} + {eval_records}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, chunk in (("train", data[:records]), ("eval", data[records:records + eval_records])):
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(alpaca_conversation(r), ensure_ascii=False) + "\n" for r in chunk),
+                        encoding="utf-8")
+        paths.append(path if chunk else None)
+    return paths[0], paths[1]
+
+
+def workload_stats(train: Path, seq_length: int, batch: int) -> dict:
+    """Token counts of the training set as petformers tokenizes it (the same text the baseline renders)."""
+    import numpy as np
+
+    from petformers.checkpoint.download import download
+    from petformers.checkpoint.load import load_tokenizer
+    from petformers.data.packing import best_fit_decreasing
+    from petformers.data.prepare import prepare
+
+    tokenizer = load_tokenizer(download("smollm2-135m-instruct"))
+    ds, summary = prepare(str(train), tokenizer, seq_length, template="chat", packing=False, progress=False)
+    segments = ds.arrays["segment_ids"]
+    lengths = (segments == 0).sum(axis=1).astype(np.int64)  # one sample per row; padding is segment 1
+    padded = sum(int(lengths[i:i + batch].max()) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+    return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": summary.trained_tokens,
+            "sum_sq_lengths": int((lengths ** 2).sum()), "max_length": int(lengths.max()),
+            "packed_rows": int(best_fit_decreasing(lengths, seq_length)[2]),
+            "padding_fraction_dynamic_batches_in_file_order": 1 - int(lengths.sum()) / padded}
+
+
+# ---- model FLOPs ----------------------------------------------------------------------------------
+
+# SmolLM2-135M: 30 layers, hidden 576, 9 query / 3 key-value heads of 64, SwiGLU 1536, vocab 49152 (tied).
+LAYERS, HIDDEN, KV, FFN, VOCAB, RANK = 30, 576, 192, 1536, 49152, 16
+N_BODY = LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV + 3 * HIDDEN * FFN)  # linear weights of the blocks
+N_HEAD = HIDDEN * VOCAB
+N_LORA = LAYERS * RANK * (2 * (HIDDEN + HIDDEN) + 2 * (HIDDEN + KV))  # A and B of wq, wo, wk, wv
+
+FLOPS_DOC = (
+    "Model FLOPs are the useful work of one LoRA training pass, the same formula for every run: for each "
+    "real (non-padding) token, 4·N_body (forward 2·N, backward 2·N for the activation gradients; the frozen "
+    "base needs no weight gradients) + 6·N_lora (forward, backward, weight gradients of the adapters); for "
+    "each trained token, 4·N_head (lm_head forward and backward: the logits of masked positions are not "
+    "needed); for each sample of L tokens, 6·L²·d·layers of causal attention (forward 2·L²·d, backward "
+    "4·L²·d, d = 576). N_body = {body:,} (block linear weights), N_head = {head:,}, N_lora = {lora:,}. "
+    "Padding, masked-position logits and recomputation are not counted: they are overhead, not work. "
+    "Divided by the run's trained tokens, the workload gives a fixed cost per trained token, so "
+    "MFU = trained tokens/s × FLOPs per trained token / matmul peak of the run's compute dtype "
+    "(fp32 for (a), bf16 for (b) and (c)).").format(body=N_BODY, head=N_HEAD, lora=N_LORA)
+
+
+def flops_per_trained_token(stats: dict) -> float:
+    total = ((4 * N_BODY + 6 * N_LORA) * stats["tokens"] + 4 * N_HEAD * stats["trained_tokens"]
+             + 6 * HIDDEN * LAYERS * stats["sum_sq_lengths"])
+    return total / stats["trained_tokens"]
+
+
+# ---- the machine ----------------------------------------------------------------------------------
+
+def matmul_peak(threads: int, size: int = 2048, seconds: float = 3.0) -> dict:
+    """Best GFLOP/s of a size x size matmul loop in float32 and bfloat16 (run in a child process)."""
+    out = _run_child([sys.executable, __file__, "--measure-peak", str(size), str(seconds)], threads)
+    return json.loads(out["stdout"].strip().splitlines()[-1])
+
+
+def _measure_peak(size: int, seconds: float) -> dict:
+    import torch
+
+    result = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b)
+            best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - t0))
+        result[name] = best / 1e9
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import transformers
+
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "not installed"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_version}")
+
+
+# ---- running a child ------------------------------------------------------------------------------
+
+def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path = ROOT) -> dict:
+    """Run cmd; wall seconds, peak RSS (MiB) of that child alone (wait4), exit code, stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
+    started = time.perf_counter()
+    out_fh = open(log, "w") if log else subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=out_fh if log else None,
+                            text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out_fh.close()
+    return {"wall_s": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "rc": proc.returncode, "stdout": stdout}
+
+
+def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out: Path) -> dict:
+    result_file = out / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--data", str(train), "--dtype", dtype,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
+           "--lr", str(args.lr), "--threads", str(args.threads), "--out", str(result_file)]
+    if eval_path:
+        cmd += ["--eval-data", str(eval_path)]
+    child = _run_child(cmd, args.threads, out / f"{name}.log")
+    if child["rc"] != 0:
+        raise SystemExit(f"bench: {name} failed (exit {child['rc']}); see {out / f'{name}.log'}")
+    r = json.loads(result_file.read_text())
+    return {"trained_tokens_per_s": r["trained_tokens_per_s"], "wall_s": child["wall_s"],
+            "peak_rss_mib": child["peak_rss_mib"], "final_loss": r["final_loss"], "eval_loss": r["eval_loss"],
+            "train_s": r["train_s"], "trained_tokens": r["trained_tokens"], "real_tokens": r["real_tokens"],
+            "computed_positions": r["computed_positions"], "steps": r["steps"],
+            "samples_per_step": r["samples_per_step"], "first_loss": r["first_loss"], "losses": r["losses"]}
+
+
+def petformers_command(args, train: Path, eval_path: Path | None, out_dir: Path, overrides=()) -> list[str]:
+    cmd = [sys.executable, "-m", "petformers", "run", "--config", str(args.config), "--train_dataset_dir", str(train),
+           "--output_dir", str(out_dir), "--do_eval", "True" if eval_path else "False"]
+    if eval_path:
+        cmd += ["--eval_dataset_dir", str(eval_path)]
+    # Enough epochs of rows for max_steps whatever the packing gives; the schedule spans max_steps.
+    return cmd + [f"max_steps={args.steps}", f"runner_config.epochs={args.steps}",
+                  f"model.model_config.seq_length={args.seq_length}", f"lr_schedule.learning_rate={args.lr}",
+                  *overrides]
+
+
+def run_petformers(args, train: Path, eval_path: Path | None, out: Path, name: str = "petformers",
+                   overrides=(), threads: int | None = None) -> dict:
+    run_dir = out / name
+    cmd = petformers_command(args, train, eval_path, run_dir, overrides)
+    child = _run_child(cmd, threads or args.threads, out / f"{name}.log")
+    if child["rc"] != 0:
+        raise SystemExit(f"bench: {name} failed (exit {child['rc']}); see {out / f'{name}.log'}")
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    return {"trained_tokens_per_s": summary["trained_tokens_per_s"], "wall_s": child["wall_s"],
+            "peak_rss_mib": child["peak_rss_mib"], "final_loss": summary["final_loss"],
+            "eval_loss": summary.get("eval_loss"), "train_s": summary["train_seconds"],
+            "trained_tokens": summary["trained_tokens"], "steps": summary["steps"],
+            "rows_per_step": summary["global_batch"], "first_loss": summary["first_loss"],
+            "losses": [r["loss"] for r in steps], "command": " ".join(cmd[1:])}
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def ratios(runs: dict) -> dict:
+    pf, fp32, bf16 = runs.get("petformers"), runs.get("hf_peft_fp32"), runs.get("hf_peft_bf16")
+    div = lambda a, b, k: a[k] / b[k] if a and b and b.get(k) else None  # noqa: E731
+    return {"throughput_vs_hf_peft_fp32": div(pf, fp32, "trained_tokens_per_s"),
+            "throughput_vs_hf_peft_bf16": div(pf, bf16, "trained_tokens_per_s"),
+            "peak_memory_vs_hf_peft_fp32": div(pf, fp32, "peak_rss_mib")}
+
+
+def _fmt(x, spec=".1f"):
+    return "–" if x is None else format(x, spec)
+
+
+def render_markdown(report: dict) -> str:
+    runs, r, w = report["runs"], report["ratios"], report["workload"]
+    peak = report["matmul_peak_gflops"]
+    title = {"hf_peft_fp32": "(a) transformers + peft, fp32", "hf_peft_bf16": "(b) transformers + peft, bf16 autocast",
+             "petformers": "(c) petformers, defaults"}
+    lines = [
+        "# Benchmarks",
+        "",
+        "LoRA fine-tuning of SmolLM2-135M-Instruct on this machine: petformers against what a user would "
+        "otherwise run, transformers + peft, in the same process tree, one after another. Generated by "
+        "`make bench` (`scripts/bench.py`); the numbers below are from the run of " + report["date"] + ".",
+        "",
+        f"Machine: {report['machine']}; {report['threads']} threads per run. Measured matmul peak "
+        f"({report['peak_matmul']}): **{peak['fp32']:.1f} GFLOP/s fp32**, **{peak['bf16']:.1f} GFLOP/s bf16**.",
+        "",
+        "| run | trained tokens/s | wall s | peak RSS MiB | final loss | held-out loss | MFU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in RUNS:
+        x = runs.get(name)
+        if x:
+            lines.append(f"| {title[name]} | {x['trained_tokens_per_s']:.1f} | {x['wall_s']:.0f} | "
+                         f"{x['peak_rss_mib']:.0f} | {x['final_loss']:.4f} | {_fmt(x.get('eval_loss'), '.4f')} | "
+                         f"{100 * x['mfu']:.1f}% |")
+    lines += [
+        "",
+        f"**petformers vs (a): {_fmt(r['throughput_vs_hf_peft_fp32'], '.2f')}× the trained-token throughput, "
+        f"{_fmt(r['peak_memory_vs_hf_peft_fp32'], '.2f')}× the peak memory; vs (b): "
+        f"{_fmt(r['throughput_vs_hf_peft_bf16'], '.2f')}× the throughput.** "
+        "Targets (issue 8): ≥ 5× (a), ≥ 2.5× (b), ≤ 0.25× (a)'s memory, the loss within noise of (a)'s.",
+        "",
+        "## The workload",
+        "",
+        f"- Model: SmolLM2-135M-Instruct, real weights (the Q4_1 GGUF, dequantised to float32 by each tool's "
+        "loader). LoRA r 16, alpha 16, dropout 0.05 on q, k, v, o (1,843,200 trainable parameters).",
+        f"- Data: the first {w['samples']} records of `../shared/data/alpaca_en_demo.json`, instruction (and "
+        "input) as the user turn, output as the assistant turn, rendered with the model's chat template "
+        "(its default system prompt included), the prompt masked; seq_length "
+        f"{report['settings']['seq_length']}. {w['tokens']:,} tokens, {w['trained_tokens']:,} of them trained "
+        f"(longest sample {w['max_length']}).",
+        f"- {report['settings']['steps']} optimizer steps, AdamW (0.9, 0.999, eps 1e-8, no weight decay), "
+        f"lr {report['settings']['lr']:g} cosine with 3% warmup, gradient clipping at 1.0.",
+        f"- (a), (b): {report['settings']['batch_size']} samples per step, each batch padded to its longest "
+        "sample: "
+        + ", ".join(f"{name}: {runs[name]['computed_positions']:,} positions computed for "
+                    f"{runs[name]['trained_tokens']:,} trained tokens "
+                    f"({100 * (1 - runs[name]['real_tokens'] / runs[name]['computed_positions']):.0f}% padding)"
+                    for name in ("hf_peft_fp32",) if name in runs) + ".",
+        f"- (c): packing puts the samples in {w['packed_rows']} rows of {report['settings']['seq_length']}; "
+        "a step is 2 rows (batch_size 1 × gradient_accumulation_steps 2), ≈ "
+        f"{w['samples'] / w['packed_rows'] * 2:.1f} samples, the nearest whole number of rows to 8 samples. "
+        "The same number of steps therefore covers a little more than one epoch: "
+        + (f"{runs['petformers']['trained_tokens']:,} trained tokens against (a)'s "
+           f"{runs['hf_peft_fp32']['trained_tokens']:,}. " if "petformers" in runs and "hf_peft_fp32" in runs else "")
+        + "Throughput is per trained token, so it does not depend on this choice.",
+        "- Final loss: the training loss of the last step (a different batch for each run: packed rows are "
+        "not the baseline's batches). Held-out loss: mean token loss of the next "
+        f"{report['settings']['eval_records']} records after training, the same samples for every run: "
+        "the number to compare.",
+        "- Peak RSS: `ru_maxrss` of each run's own process (`os.wait4`), model loading included. "
+        "Wall: the whole process, loading included; tokens/s: the training loop only.",
+        "",
+        "## MFU",
+        "",
+        FLOPS_DOC + f" Here: {report['flops_per_trained_token'] / 1e9:.2f} GFLOP per trained token.",
+        "",
+        "## Noise",
+        "",
+        report.get("noise_note", ""),
+        "",
+        "## How to reproduce",
+        "",
+        "```",
+        "make bench                       # the three runs above, then this file and docs/benchmarks.json",
+        ".venv/bin/python scripts/bench.py --quick     # 2 steps on 16 records: checks that it all runs",
+        ".venv/bin/python scripts/bench.py --levers    # the levers below (keeps the main runs)",
+        "```",
+        "",
+        "Each run's log and result are kept in `output/bench/`. The petformers run is",
+        "",
+        "```",
+        "petformers " + runs["petformers"]["command"].split(" ", 1)[1] if "petformers" in runs else "",
+        "```",
+        "",
+    ]
+    lines += render_levers(report.get("levers"))
+    return "\n".join(lines) + "\n"
+
+
+def render_levers(levers: dict | None) -> list[str]:
+    if not levers:
+        return ["## Levers", "", "Not measured yet: `scripts/bench.py --levers`.", ""]
+    from bench_levers import render
+
+    return render(levers)
+
+
+def finish(report: dict, docs: Path):
+    stats, peak = report["workload"], report["matmul_peak_gflops"]
+    per_token = flops_per_trained_token(stats)
+    report["flops_per_trained_token"] = per_token
+    for name, run in report["runs"].items():
+        run["mfu"] = run["trained_tokens_per_s"] * per_token / (peak[PEAK_KEY[name]] * 1e9)
+    report["ratios"] = ratios(report["runs"])
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
+    (docs / "benchmarks.md").write_text(render_markdown(report))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="petformers vs transformers + peft (docs/benchmarks.md)")
+    ap.add_argument("--quick", action="store_true", help="2 steps on 16 records, results under output/bench-quick")
+    ap.add_argument("--records", type=int, default=256)
+    ap.add_argument("--eval-records", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step of the baseline")
+    ap.add_argument("--seq-length", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--levers", action="store_true", help="also measure the levers (bench_levers.py)")
+    ap.add_argument("--levers-only", action="store_true", help="measure the levers, keep the main runs in docs/")
+    ap.add_argument("--out", type=Path, help="working directory (default output/bench)")
+    ap.add_argument("--docs", type=Path, help="where benchmarks.md/json go (default docs/; --quick: the work dir)")
+    ap.add_argument("--measure-peak", nargs=2, metavar=("SIZE", "SECONDS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.measure_peak:
+        print(json.dumps(_measure_peak(int(args.measure_peak[0]), float(args.measure_peak[1]))))
+        return 0
+    if args.quick:
+        args.records, args.eval_records, args.steps = 16, 8, 2
+    out = (args.out or ROOT / "output" / ("bench-quick" if args.quick else "bench")).resolve()
+    docs = args.docs or (out if args.quick else ROOT / "docs")
+    train, eval_path = write_workload(out / "data", args.records, args.eval_records)
+
+    previous = docs / "benchmarks.json"
+    report = json.loads(previous.read_text()) if previous.exists() and args.levers_only else None
+    if report is None or not args.levers_only:
+        print(f"bench: measuring the matmul peak ({args.threads} threads)", flush=True)
+        report = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": args.threads,
+                  "peak_matmul": "best of a 2048×2048 torch.mm loop, 3 s per dtype",
+                  "matmul_peak_gflops": matmul_peak(args.threads), "runs": {}, "ratios": {},
+                  "settings": {"records": args.records, "eval_records": args.eval_records, "steps": args.steps,
+                               "batch_size": args.batch_size, "seq_length": args.seq_length, "lr": args.lr},
+                  "workload": workload_stats(train, args.seq_length, args.batch_size)}
+        if previous.exists() and not args.quick:
+            report["levers"] = json.loads(previous.read_text()).get("levers")
+        load_before = os.getloadavg()[0]
+        for name in [n for n in RUNS if n in args.only.split(",")]:
+            print(f"bench: {name} ...", flush=True)
+            if name == "petformers":
+                report["runs"][name] = run_petformers(args, train, eval_path, out)
+            else:
+                report["runs"][name] = run_hf(name, name.rsplit("_", 1)[1], args, train, eval_path, out)
+            x = report["runs"][name]
+            print(f"bench: {name}: {x['trained_tokens_per_s']:.1f} trained tokens/s, {x['wall_s']:.0f} s, "
+                  f"{x['peak_rss_mib']:.0f} MiB, final loss {x['final_loss']:.4f}, held-out {x.get('eval_loss')}",
+                  flush=True)
+        report["load_average"] = {"before": load_before, "after_1min": os.getloadavg()[0]}
+        report["noise_note"] = noise_note(report)
+    if args.levers or args.levers_only:
+        from bench_levers import measure_levers
+
+        report["levers"] = measure_levers(args, train, eval_path, out)
+    finish(report, docs)
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"bench: wrote {docs / 'benchmarks.md'} and {docs / 'benchmarks.json'}")
+    return 0
+
+
+def noise_note(report: dict) -> str:
+    load = report["load_average"]
+    return (f"This machine has {os.cpu_count()} cores shared with other work: the 1-minute load average was "
+            f"{load['before']:.1f} when the bench started and {load['after_1min']:.1f} when it ended "
+            f"(≤ {os.cpu_count()} means the runs had the cores to themselves). Step times vary by tens of "
+            "percent when other processes run; compare runs from the same `make bench`, not across days.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
