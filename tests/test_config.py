@@ -366,19 +366,30 @@ def test_native_form(tmp_path):
 
 
 def test_smollm2_config():
+    """The demo config loads with nothing ignored, and each value lands in its RunConfig field."""
+    import yaml
+
+    raw = yaml.safe_load(SMOLLM2_YAML.read_text())
     cfg = load_config(str(SMOLLM2_YAML))
     assert cfg.ignored_keys == []
     assert cfg.load_checkpoint == "smollm2-135m-instruct" and cfg.template == "chat" and cfg.packing is True
-    assert (cfg.seq_length, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.epochs) == (512, 4, 2, 3)
-    assert (cfg.learning_rate, cfg.lr_schedule_type, cfg.warmup_ratio) == (2e-4, "CosineWithWarmUpLR", 0.05)
-    assert (cfg.compute_dtype, cfg.param_init_type) == ("bfloat16", "float32")
-    assert (cfg.save_checkpoint_steps, cfg.keep_checkpoint_max) == (50, 2)
-    assert (cfg.do_eval, cfg.eval_step_interval, cfg.save_merged) == (True, 50, True)
+    runner, mc = raw["runner_config"], raw["model"]["model_config"]
+    assert (cfg.seq_length, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.epochs) == (
+        mc["seq_length"], runner["batch_size"], runner["gradient_accumulation_steps"], runner["epochs"])
+    sched = raw["lr_schedule"]
+    assert (cfg.learning_rate, cfg.lr_schedule_type, cfg.warmup_ratio) == (
+        float(sched["learning_rate"]), sched["type"], sched["warmup_ratio"])
+    assert (cfg.compute_dtype, cfg.param_init_type) == (mc["compute_dtype"], mc["param_init_type"])
+    monitor = next(c for c in raw["callbacks"] if c["type"] == "CheckpointMonitor")
+    assert (cfg.save_checkpoint_steps, cfg.keep_checkpoint_max) == (
+        monitor["save_checkpoint_steps"], monitor["keep_checkpoint_max"])
+    assert (cfg.do_eval, cfg.eval_step_interval, cfg.save_merged) == (True, raw["eval_step_interval"], True)
     assert cfg.output_dir == "./output/smollm2_lora"
     assert (cfg.train_dataset_dir, cfg.eval_dataset_dir) == ("demo/data/train.json", "demo/data/eval.json")
     pet = PetConfig.from_dict(cfg.pet_config)
-    assert (pet.lora_rank, pet.lora_alpha, pet.lora_dropout) == (16, 32, 0.05)
-    assert pet.target_modules == ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"
+    assert (pet.lora_rank, pet.lora_alpha, pet.lora_dropout) == (
+        mc["pet_config"]["lora_rank"], mc["pet_config"]["lora_alpha"], mc["pet_config"]["lora_dropout"])
+    assert pet.target_modules == mc["pet_config"]["target_modules"]
 
 
 @pytest.mark.parametrize("source", [SEED_YAML, SMOLLM2_YAML])

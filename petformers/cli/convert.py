@@ -1,12 +1,21 @@
-"""`petformers convert`: MindSpore / MindFormers `.ckpt` <-> Hugging Face model directories.
+"""`petformers convert`: MindSpore / MindFormers `.ckpt` <-> Hugging Face model directories and PEFT adapters.
 
     petformers convert --from mindspore X.ckpt --config YAML --to hf --output_dir OUT
     petformers convert --from hf DIR --to mindspore --output_dir OUT
+    petformers convert --from peft ADAPTER_DIR --to mindspore --output_dir OUT
+    petformers convert --from peft ADAPTER_DIR --to mindspore --output_dir OUT --merged \
+        --load_checkpoint BASE.ckpt --config YAML
 
 A `.ckpt` carries no shapes' meaning, so `--config` (a MindFormers YAML) gives the architecture
 through `model.model_config`; a checkpoint holding mindpet LoRA tensors is merged with its
 `pet_config` (W + alpha/r·B@A, as transform_ckpt_lora does). The Hugging Face directory written
 loads in transformers; the `.ckpt` written has MindFormers' names and loads in MindFormers.
+
+A PEFT adapter (what `petformers run` writes to output_dir/adapter) goes back to Ascend as
+`OUT/<adapter dir name>.ckpt` holding only the LoRA tensors under mindpet's names, as MindFormers
+saves trainable parameters (load it beside the base .ckpt), or with `--merged` as
+`OUT/<adapter dir name>_merged.ckpt`: the base weights with W + scaling·B@A folded in, as
+MindFormers' transform_ckpt_lora writes them, for a plain (non-PET) MindFormers Llama.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ def register(subparsers):
         "convert", help="convert between MindSpore .ckpt and Hugging Face model directories",
         description="Convert a MindFormers Llama checkpoint (.ckpt file, directory or rank_N/ layout) to a Hugging "
                     "Face model directory, or a Hugging Face Llama directory to a MindFormers .ckpt.")
-    p.add_argument("source", help="the input: a .ckpt file / directory (--from mindspore) or a Hugging Face "
-                                  "model directory (--from hf)")
-    p.add_argument("--from", dest="src_format", required=True, choices=["mindspore", "hf"], help="input format")
+    p.add_argument("source", help="the input: a .ckpt file / directory (--from mindspore), a Hugging Face "
+                                  "model directory (--from hf) or a PEFT adapter directory (--from peft)")
+    p.add_argument("--from", dest="src_format", required=True, choices=["mindspore", "hf", "peft"],
+                   help="input format")
     p.add_argument("--to", dest="dst_format", required=True, choices=["hf", "mindspore"], help="output format")
     p.add_argument("--config", help="MindFormers YAML whose model.model_config describes the model "
                                     "(required with --from mindspore)")
@@ -34,6 +44,11 @@ def register(subparsers):
                    help="dtype of the written weights: float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--tokenizer", default=None,
                    help="with --to hf: a tokenizer (directory or tokenizer.model) to save beside the weights")
+    p.add_argument("--merged", action="store_true",
+                   help="with --from peft: write the base weights with the adapter merged in, not the adapter alone")
+    p.add_argument("--load_checkpoint", "--base", dest="base", default=None,
+                   help="with --from peft --merged: the base model (.ckpt with --config, or a Hugging Face "
+                        "directory; default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=run)
 
 
@@ -50,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
         out = mindspore_to_hf(Path(args.source), Path(args.config), Path(args.output_dir), dtype, args.tokenizer)
     elif pair == ("hf", "mindspore"):
         out = hf_to_mindspore(Path(args.source), Path(args.output_dir), dtype)
+    elif pair == ("peft", "mindspore"):
+        out = peft_to_mindspore(Path(args.source), Path(args.output_dir), dtype, args.merged, args.base,
+                                Path(args.config) if args.config else None)
     else:
         raise ConfigError(f"--from {args.src_format} --to {args.dst_format}: nothing to convert; "
-                          "use --from mindspore --to hf or --from hf --to mindspore")
+                          "use --from mindspore --to hf, --from hf --to mindspore or --from peft --to mindspore")
     print(out)
     return 0
 
@@ -144,3 +162,83 @@ def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
              path, config.vocab_size, config.hidden_size, config.num_layers, config.num_heads,
              config.n_kv_heads, config.intermediate_size, config.rms_norm_eps, config.theta)
     return path
+
+
+def peft_adapter_tensors(adapter_dir: Path) -> dict:
+    """A PEFT adapter's tensors under petformers names (`layers.0.attention.wq.lora_a.weight`, `lm_head.weight`)."""
+    from petformers.checkpoint.names import from_hf
+    from petformers.errors import AdapterError
+    from petformers.pet.peft_format import read_adapter_config, read_adapter_tensors
+
+    read_adapter_config(adapter_dir)  # a clear error when this is not an adapter directory
+    out = {}
+    for key, tensor in read_adapter_tensors(adapter_dir).items():
+        name = key.removeprefix("base_model.model.")
+        if name.endswith("lora_magnitude_vector"):
+            raise AdapterError(f"{adapter_dir}: {key!r} is a DoRA magnitude, which mindpet has no place for: "
+                               "use --merged, or train plain LoRA")
+        for peft, ours in ((".lora_A.weight", ".lora_a.weight"), (".lora_B.weight", ".lora_b.weight")):
+            if name.endswith(peft):
+                name = from_hf(name[: -len(peft)]) + ours
+                break
+        else:
+            name = from_hf(name)  # a modules_to_save copy, under its module's own name
+        out[name] = tensor
+    return out
+
+
+def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool = False, base: str | None = None,
+                      yaml_file: Path | None = None) -> Path:
+    """A PEFT adapter -> a MindFormers `.ckpt`: the adapter alone (mindpet names), or merged into its base model."""
+    from petformers.checkpoint.mindspore_load import save_mindformers_ckpt
+    from petformers.errors import ConfigError
+
+    if not merged:
+        if base:
+            raise ConfigError("--load_checkpoint: a base model is used with --merged only (the adapter alone "
+                              "needs none)")
+        path = save_mindformers_ckpt(peft_adapter_tensors(adapter_dir), out_dir / f"{adapter_dir.resolve().name}.ckpt",
+                                     mode="trainable", dtype=dtype)
+        log.info("petformers: wrote %s (LoRA tensors only: load it beside the base .ckpt)", path)
+        return path
+    import json
+
+    from petformers.checkpoint.download import resolve
+    from petformers.checkpoint.load import detect_format, load_pretrained
+    from petformers.pet.peft_format import CONFIG_FILE, load_peft_adapter, read_adapter_config
+
+    read_adapter_config(adapter_dir)
+    base = base or json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"--load_checkpoint: {adapter_dir / CONFIG_FILE} names no base model; pass the base")
+    config = None
+    if detect_format(resolve(base)) == "mindspore":
+        if yaml_file is None:
+            raise ConfigError(f"--config: the base {base} is a MindSpore checkpoint; pass the MindFormers YAML whose "
+                              "model.model_config describes it")
+        config, _ = read_model_config(yaml_file)
+    stored = _stored_dtype(base, config)  # merge in the base's own dtype: a bf16 7B stays bf16
+    model, _ = load_pretrained(base, dtype=stored, config=config, with_tokenizer=False)
+    load_peft_adapter(model, adapter_dir)
+    path = save_mindformers_ckpt(model, out_dir / f"{adapter_dir.resolve().name}_merged.ckpt", mode="merged",
+                                 dtype=dtype)
+    log.info("petformers: wrote %s (base %s with the adapter merged)", path, base)
+    return path
+
+
+def _stored_dtype(base: str, config):
+    """The floating dtype the base model's weights are stored in."""
+    from petformers.checkpoint import hf, mindspore_load
+    from petformers.checkpoint.download import resolve
+    from petformers.checkpoint.load import detect_format
+
+    path = resolve(base)
+    fmt = detect_format(path)
+    tensors = mindspore_load.iter_base_tensors(path, config) if fmt == "mindspore" else \
+        hf.iter_tensors(path) if fmt == "hf" else iter(())
+    for _, tensor in tensors:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    import torch
+
+    return torch.float32

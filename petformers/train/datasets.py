@@ -20,19 +20,32 @@ from petformers.errors import DataError
 _MINDRECORD = re.compile(r"\.mindrecord\d*$")
 
 
+def dataset_kind(path) -> str:
+    """"prepared" (a `petformers data prepare` directory), "mindrecord", or "raw" (needs a tokenizer)."""
+    p = Path(path)
+    if p.is_dir() and (p / "meta.json").exists():
+        return "prepared"
+    if _MINDRECORD.search(p.name) or (p.is_dir() and list(p.glob("*.mindrecord*"))):
+        return "mindrecord"
+    return "raw"
+
+
 def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: bool, drop_long: bool = False,
                  run_mode: str = "finetune", pad_id: int | None = None, progress: bool = True):
+    """`pad_id` masks a MindRecord's padded inputs (MindFormers uses model_config.pad_token_id);
+    default: the tokenizer's pad id, else 0."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: dataset not found")
-    if p.is_dir() and (p / "meta.json").exists():
+    kind = dataset_kind(p)
+    if kind == "prepared":
         from petformers.data.dataset import PreparedDataset, check_tokenizer
 
         ds = PreparedDataset(p)
         if tokenizer is not None:
             check_tokenizer(ds.meta, tokenizer, str(p))
         return ds
-    if _MINDRECORD.search(p.name) or (p.is_dir() and list(p.glob("*.mindrecord*"))):
+    if kind == "mindrecord":
         from petformers.data.mindrecord import MindRecordDataset
 
         file = p if p.is_file() else sorted(x for x in p.glob("*.mindrecord*") if not x.name.endswith(".db"))[0]

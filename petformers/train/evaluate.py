@@ -80,12 +80,13 @@ def run_eval(cfg, env, out: Path) -> dict:
     ds = open_dataset(path, tokenizer, cfg.seq_length, cfg.template, False, cfg.drop_long, "finetune",
                       progress=env.is_main)
     pad = tokenizer.pad_id if tokenizer is not None else 0
-    results = {"metrics": evaluate_loss(model, ds, cfg.batch_size, pad, env.device, env, progress=env.is_main)}
+    eval_batch = max(cfg.batch_size, 8)  # no gradients: larger batches fit, and are faster
+    results = {"metrics": evaluate_loss(model, ds, eval_batch, pad, env.device, env, progress=env.is_main)}
     if cfg.eval_generation:
         from petformers.data.formats import load_samples
 
         samples, _, _, _, _ = load_samples(path)
-        gen = evaluate_generation(model, tokenizer, samples, cfg.template, cfg.max_new_tokens, cfg.batch_size)
+        gen = evaluate_generation(model, tokenizer, samples, cfg.template, cfg.max_new_tokens, eval_batch)
         results["metrics"] |= gen["metrics"]
         results["samples"] = gen["samples"]
     results["model"] = cfg.load_checkpoint

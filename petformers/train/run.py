@@ -173,9 +173,85 @@ def load_model_for_run(cfg, env: DistEnv):
         model.to(dtype)
         tokenizer = _tokenizer_for(cfg)
     if tokenizer is None and cfg.run_mode != "train":
-        raise ConfigError("processor.tokenizer: the checkpoint has no tokenizer; set processor.tokenizer.vocab_file "
-                          "or tokenizer to a tokenizer.json / tokenizer.model / model directory")
+        raw = _raw_inputs(cfg)
+        if raw:
+            raise ConfigError(f"processor.tokenizer: {cfg.load_checkpoint or 'the checkpoint'} has no tokenizer and "
+                              f"{raw} needs one; set processor.tokenizer.vocab_file or tokenizer to a tokenizer.json / "
+                              "tokenizer.model / model directory (MindRecord and `petformers data prepare` "
+                              "datasets need none)")
+    if cfg.run_mode in ("eval", "predict"):
+        model = _merge_checkpoint_lora(cfg, model)
     return model, tokenizer
+
+
+def _raw_inputs(cfg) -> str:
+    """What in this run needs a tokenizer ('' when nothing: every dataset is already token ids)."""
+    from petformers.train.datasets import dataset_kind
+
+    if cfg.run_mode == "predict":
+        return "run_mode predict"
+    if cfg.run_mode == "eval":
+        if cfg.eval_generation:
+            return "eval_generation"
+        paths = [cfg.eval_dataset_dir or cfg.train_dataset_dir]
+    else:
+        paths = [cfg.train_dataset_dir] + ([cfg.eval_dataset_dir] if cfg.do_eval and cfg.eval_dataset_dir else [])
+    raw = [p for p in paths if p and dataset_kind(p) == "raw"]
+    return f"the raw dataset {raw[0]}" if raw else ""
+
+
+def data_pad_id(cfg, model, tokenizer) -> int:
+    """The pad id masked in MindRecord rows: model_config.pad_token_id as MindFormers masks it (the YAML's,
+    else the checkpoint's config), else the tokenizer's, else 0."""
+    for value in (cfg.model_config.get("pad_token_id"), model.config.pad_token_id,
+                  tokenizer.pad_id if tokenizer is not None else None):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def checkpoint_lora(cfg, config: LlamaConfig) -> dict:
+    """mindpet LoRA tensors of a MindSpore --load_checkpoint (one file, or base + LoRA files in a directory)
+    under petformers adapter names; {} for other formats and checkpoints without LoRA."""
+    if not cfg.load_checkpoint:
+        return {}
+    from petformers.checkpoint import download
+    from petformers.checkpoint.load import detect_format
+
+    path = download.resolve(cfg.load_checkpoint)
+    if detect_format(path) != "mindspore":
+        return {}
+    from petformers.checkpoint.mindspore_load import mindpet_lora_tensors
+
+    lora = mindpet_lora_tensors(path, config)
+    if lora and not cfg.pet_config:
+        raise ConfigError(f"model.model_config.pet_config: {cfg.load_checkpoint} holds mindpet LoRA tensors; add the "
+                          "pet_config they were trained with (its lora_rank, lora_alpha and target_modules)")
+    return lora
+
+
+def load_checkpoint_lora(cfg, model) -> bool:
+    """Start the model's (already injected) LoRA from the checkpoint's mindpet tensors, as MindFormers loads
+    them into its PET network; True when there were any."""
+    lora = checkpoint_lora(cfg, model.config)
+    if lora:
+        from petformers.pet.inject import load_lora_state_dict
+
+        load_lora_state_dict(model, lora, source=str(cfg.load_checkpoint))
+        log.info("petformers: LoRA initialised from the %d mindpet tensors of %s", len(lora), cfg.load_checkpoint)
+    return bool(lora)
+
+
+def _merge_checkpoint_lora(cfg, model):
+    """For eval / predict: the checkpoint's mindpet LoRA folded into the base (W + scaling·B@A)."""
+    if not checkpoint_lora(cfg, model.config):
+        return model
+    from petformers.pet.inject import apply_lora
+    from petformers.pet.merge import merge_and_unload
+
+    apply_lora(model, pet_config_of(cfg))
+    load_checkpoint_lora(cfg, model)
+    return merge_and_unload(model)
 
 
 def _report_arch_overrides(cfg, config: LlamaConfig, env: DistEnv):
@@ -230,7 +306,8 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
         from petformers.pet.inject import apply_lora
 
         apply_lora(model, pet)  # logs the trainable / total parameter report
-        if cfg.adapter:
+        load_checkpoint_lora(cfg, model)
+        if cfg.adapter:  # replaces a checkpoint's LoRA
             from petformers.pet.peft_format import load_peft_adapter
 
             load_peft_adapter(model, cfg.adapter)
@@ -238,17 +315,19 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
         raise ConfigError("model.model_config.pet_config: run_mode finetune needs a pet_config (LoRA); "
                           "use run_mode train for full training")
     else:
+        checkpoint_lora(cfg, model.config)  # a checkpoint with LoRA needs its pet_config
         model.requires_grad_(True)
     if cfg.recompute:
         model.gradient_checkpointing = True
     if not cfg.train_dataset_dir:
         raise ConfigError("train_dataset.data_loader.dataset_dir: no training data (or pass --train_dataset_dir)")
+    pad_id = data_pad_id(cfg, model, tokenizer)
     train_ds = open_dataset(cfg.train_dataset_dir, tokenizer, cfg.seq_length, cfg.template, cfg.packing,
-                            cfg.drop_long, cfg.run_mode, progress=env.is_main)
+                            cfg.drop_long, cfg.run_mode, pad_id=pad_id, progress=env.is_main)
     eval_ds = None
     if cfg.do_eval and cfg.eval_dataset_dir:
         eval_ds = open_dataset(cfg.eval_dataset_dir, tokenizer, cfg.seq_length, cfg.template, False,
-                               cfg.drop_long, cfg.run_mode, progress=False)
+                               cfg.drop_long, cfg.run_mode, pad_id=pad_id, progress=False)
     if env.is_main and getattr(train_ds, "meta", None):
         (out / "data_summary.json").write_text(json.dumps(train_ds.meta, indent=2, ensure_ascii=False))
     metrics = MetricsLog(out / "metrics.jsonl")
