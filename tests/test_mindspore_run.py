@@ -180,8 +180,8 @@ def test_adapter_written_back_as_mindformers_ckpt_reads_back_the_same(seed_run, 
     assert list(merged) == list(base)  # MindFormers names and order, no LoRA tensors
     for name, weight in base.items():
         parts = name.split(".")
-        if len(parts) > 4 and parts[3] in ADAPTED:
-            layer, w = int(parts[2]), parts[3]
+        if len(parts) == 6 and parts[4] in ADAPTED:  # model.layers.N.attention.wq.weight
+            layer, w = int(parts[2]), parts[4]
             weight = weight + SCALING * peft[(layer, w, "b")] @ peft[(layer, w, "a")]
             assert torch.allclose(merged[name], weight, atol=1e-6), name
         else:
