@@ -48,11 +48,10 @@ def evaluate(opts, common: list[str], tag: str, adapter: str | None) -> dict:
     run = Path(opts.output_dir)
     out = run / f"eval_{tag}"
     args = ["run", "--config", opts.config, "--run_mode", "eval", "--eval_dataset_dir",
-            f"{opts.data_dir}/eval.json", "--output_dir", str(out), *common, "eval_generation=True",
-            "max_new_tokens=48"]
+            f"{opts.data_dir}/eval.json", "--output_dir", str(out)]
     if adapter:
         args += ["--adapter", adapter]
-    sh(*args)
+    sh(*args, *common, "eval_generation=True", "max_new_tokens=48", *opts.overrides)  # the user's overrides win
     results = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
     shutil.copy(out / "eval_results.json", run / f"eval_{tag}.json")
     return results
@@ -67,16 +66,14 @@ def main(argv=None) -> int:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    common = list(opts.overrides)
-    if opts.load_checkpoint:
-        common += ["--load_checkpoint", opts.load_checkpoint]
+    common = ["--load_checkpoint", opts.load_checkpoint] if opts.load_checkpoint else []
     sh("python", "demo/make_data.py", "--out_dir", opts.data_dir, "--train", str(opts.train),
        "--eval", str(opts.eval))
     if not opts.load_checkpoint:
         sh("download", "smollm2-135m-instruct")
     before = evaluate(opts, common, "before", None)
     sh("run", "--config", opts.config, "--output_dir", str(run_dir), "--train_dataset_dir",
-       f"{opts.data_dir}/train.json", "--eval_dataset_dir", f"{opts.data_dir}/eval.json", *common)
+       f"{opts.data_dir}/train.json", "--eval_dataset_dir", f"{opts.data_dir}/eval.json", *common, *opts.overrides)
     after = evaluate(opts, common, "after", str(run_dir / "adapter"))
     sh("report", "--output_dir", str(run_dir))
 

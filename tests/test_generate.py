@@ -196,4 +196,5 @@ def test_cuda_generation_matches_cpu(loaded, tiny_model_dir):
     gpu, _ = load_pretrained(tiny_model_dir, device="cuda", with_tokenizer=False)
     prompts = [random_prompt(7, 1), random_prompt(3, 2)]
     cfg = GenerationConfig(max_new_tokens=10)
-    assert generate(gpu, prompts, cfg, tok.eos_ids, tok.pad_id) == generate(model, prompts, cfg, tok.eos_ids, tok.pad_id)
+    on_gpu = generate(gpu, prompts, cfg, tok.eos_ids, tok.pad_id)
+    assert on_gpu == generate(model, prompts, cfg, tok.eos_ids, tok.pad_id)

@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "convert", help="convert between MindSpore .ckpt and Hugging Face model directories",
+        "convert", help="convert between MindSpore .ckpt, Hugging Face model directories and PEFT adapters",
         description="Convert a MindFormers Llama checkpoint (.ckpt file, directory or rank_N/ layout) to a Hugging "
-                    "Face model directory, or a Hugging Face Llama directory to a MindFormers .ckpt.")
+                    "Face model directory, a Hugging Face Llama directory to a MindFormers .ckpt, or a PEFT "
+                    "adapter to a MindFormers .ckpt (mindpet LoRA tensors, or merged into its base with --merged).")
     p.add_argument("source", help="the input: a .ckpt file / directory (--from mindspore), a Hugging Face "
                                   "model directory (--from hf) or a PEFT adapter directory (--from peft)")
     p.add_argument("--from", dest="src_format", required=True, choices=["mindspore", "hf", "peft"],

@@ -244,13 +244,14 @@ def load_checkpoint_lora(cfg, model) -> bool:
 
 def _merge_checkpoint_lora(cfg, model):
     """For eval / predict: the checkpoint's mindpet LoRA folded into the base (W + scaling·B@A)."""
-    if not checkpoint_lora(cfg, model.config):
+    lora = checkpoint_lora(cfg, model.config)
+    if not lora:
         return model
-    from petformers.pet.inject import apply_lora
+    from petformers.pet.inject import apply_lora, load_lora_state_dict
     from petformers.pet.merge import merge_and_unload
 
     apply_lora(model, pet_config_of(cfg))
-    load_checkpoint_lora(cfg, model)
+    load_lora_state_dict(model, lora, source=str(cfg.load_checkpoint))
     return merge_and_unload(model)
 
 
