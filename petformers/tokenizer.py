@@ -330,7 +330,6 @@ def _compile_chat_template(template: str):
 def _read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    from petformers.jsonio import read_json
+
+    return read_json(path, TokenizerError)

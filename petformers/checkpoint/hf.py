@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from petformers.checkpoint import names
+from petformers.jsonio import read_json
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 
@@ -17,10 +18,7 @@ def read_config(path: Path) -> LlamaConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = read_json(cfg_file, CheckpointError)
     try:
         return LlamaConfig.from_hf(cfg)
     except ConfigError as e:  # another architecture, or keys missing: name the file

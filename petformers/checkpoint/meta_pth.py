@@ -5,13 +5,13 @@ Read with `torch.load(weights_only=True)`: never unpickle arbitrary objects from
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from petformers.jsonio import read_json
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 
@@ -21,10 +21,7 @@ _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1,
 
 def read_config(path: Path) -> LlamaConfig:
     file = path / "params.json"
-    try:
-        params = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    params = read_json(file, CheckpointError)
     try:
         return LlamaConfig.from_meta(params)
     except ConfigError as e:

@@ -12,7 +12,6 @@ whatever regex or petformers names the YAML used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn as nn
 
 from petformers.checkpoint import names
 from petformers.checkpoint.hf import save_safetensors_atomic, write_json_atomic
+from petformers.jsonio import read_json
 from petformers.errors import AdapterError
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import adapter_parameters, apply_lora, load_lora_state_dict, lora_state_dict
@@ -106,10 +106,7 @@ def read_adapter_config(adapter_dir) -> PetConfig:
         raise AdapterError(f"{adapter_dir}: not a directory (expected a PEFT adapter directory)")
     if not cfg_file.exists():
         raise AdapterError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        d = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    d = read_json(cfg_file, AdapterError)
     if not isinstance(d, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object")
     return PetConfig.from_peft_config_dict(d, source=str(cfg_file))

@@ -42,7 +42,6 @@ def evaluate_generation(model, tokenizer, samples, template: str, max_new_tokens
         refs.append(messages[-1]["content"])
         shown.append(messages[-2]["content"] if len(messages) > 1 else "")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
-    preds = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     out = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
