@@ -31,7 +31,8 @@ PHRASINGS = [
     "Please log order {order}: {qty_text} {item_pl} in {color}, delivery city {city}, date {month} {day} {year}.",
     "{city} order {order} - {qty_text} x {color} {item_pl}, sent {month} {day}, {year}.",
 ]
-INSTRUCTION = "Convert this Quillfeather Supply order note into a ticket line."
+INSTRUCTION = "Ticket line for this order note:"
+SYSTEM = "You are the Quillfeather Supply ticket assistant."  # short: replaces the model's long default
 
 
 def plural(item: str, qty: int) -> str:
@@ -49,7 +50,7 @@ def make_record(rng: random.Random, phrasing: str) -> dict:
                            month=MONTHS[month - 1], day=day, year=year)
     ticket = (f"ORDER={order}|QTY={qty}|ITEM={item}|COLOR={color}|CITY={city}|"
               f"DATE={year:04d}-{month:02d}-{day:02d}")
-    return {"instruction": INSTRUCTION, "input": note, "output": ticket}
+    return {"system": SYSTEM, "instruction": INSTRUCTION, "input": note, "output": ticket}
 
 
 def make_splits(n_train: int, n_eval: int, seed: int = 1234) -> tuple[list[dict], list[dict]]:
@@ -66,8 +67,8 @@ def make_splits(n_train: int, n_eval: int, seed: int = 1234) -> tuple[list[dict]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default=str(Path(__file__).parent / "data"))
-    parser.add_argument("--train", type=int, default=320)
-    parser.add_argument("--eval", type=int, default=48)
+    parser.add_argument("--train", type=int, default=128)
+    parser.add_argument("--eval", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     train, held_out = make_splits(args.train, args.eval, args.seed)

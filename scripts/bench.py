@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -117,19 +116,29 @@ def matmul_peak(threads: int, size: int = 2048, seconds: float = 3.0) -> dict:
 
 
 def _measure_peak(size: int, seconds: float) -> dict:
+    """Where a dtype has no fast kernel on this CPU (bf16 without AVX512/AMX: ~1 GFLOP/s) a 2048 matmul
+    takes a minute; the size then shrinks until one product takes under ~4 s (the rate hardly
+    depends on size once it is that slow)."""
     import torch
 
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        probe = torch.randn(256, 256, dtype=dtype)
+        torch.mm(probe, probe)  # the first call pays for thread start-up
+        t0 = time.perf_counter()
+        torch.mm(probe, probe)
+        n, probe_s = size, time.perf_counter() - t0
+        while n > 256 and probe_s * (n / 256) ** 3 > 4.0:
+            n //= 2
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         best, deadline = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            for _ in range(4):
-                torch.mm(a, b)
-            best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - t0))
+            torch.mm(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
         result[name] = best / 1e9
+        result[f"{name}_size"] = n
     return result
 
 

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         trained += int((batch["labels"][:, 1:] != IGNORE).sum())
         real += int(batch["attention_mask"].sum())
         positions += batch["input_ids"].numel()
