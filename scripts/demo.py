@@ -51,7 +51,7 @@ def evaluate(opts, common: list[str], tag: str, adapter: str | None) -> dict:
             f"{opts.data_dir}/eval.json", "--output_dir", str(out)]
     if adapter:
         args += ["--adapter", adapter]
-    sh(*args, *common, "eval_generation=True", "max_new_tokens=40", *opts.overrides)  # the user's overrides win
+    sh(*args, *common, "eval_generation=True", "max_new_tokens=64", *opts.overrides)  # the user's overrides win
     results = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
     shutil.copy(out / "eval_results.json", run / f"eval_{tag}.json")
     return results
