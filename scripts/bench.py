@@ -182,11 +182,13 @@ def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path 
             "rc": proc.returncode, "stdout": stdout}
 
 
-def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out: Path) -> dict:
+def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out: Path,
+           time_limit: float = 0) -> dict:
     result_file = out / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--data", str(train), "--dtype", dtype,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
-           "--lr", str(args.lr), "--threads", str(args.threads), "--out", str(result_file)]
+           "--lr", str(args.lr), "--threads", str(args.threads), "--time-limit", str(time_limit),
+           "--out", str(result_file)]
     if eval_path:
         cmd += ["--eval-data", str(eval_path)]
     child = _run_child(cmd, args.threads, out / f"{name}.log")
@@ -196,8 +198,14 @@ def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out
     return {"trained_tokens_per_s": r["trained_tokens_per_s"], "wall_s": child["wall_s"],
             "peak_rss_mib": child["peak_rss_mib"], "final_loss": r["final_loss"], "eval_loss": r["eval_loss"],
             "train_s": r["train_s"], "trained_tokens": r["trained_tokens"], "real_tokens": r["real_tokens"],
-            "computed_positions": r["computed_positions"], "steps": r["steps"],
+            "computed_positions": r["computed_positions"], "steps": r["steps"], "stopped_early": r["stopped_early"],
             "samples_per_step": r["samples_per_step"], "first_loss": r["first_loss"], "losses": r["losses"]}
+
+
+def compute_dtype_for(peak: dict) -> str:
+    """bf16 where this CPU multiplies bf16 at least as fast as fp32 (AVX512-BF16, AMX, GPUs); else fp32.
+    Without such hardware torch's bf16 matmul is a slow fallback (20-75x slower than fp32 on AVX2)."""
+    return "bfloat16" if peak["bf16"] >= peak["fp32"] else "float32"
 
 
 def petformers_command(args, train: Path, eval_path: Path | None, out_dir: Path, overrides=()) -> list[str]:
@@ -208,7 +216,7 @@ def petformers_command(args, train: Path, eval_path: Path | None, out_dir: Path,
     # Enough epochs of rows for max_steps whatever the packing gives; the schedule spans max_steps.
     return cmd + [f"max_steps={args.steps}", f"runner_config.epochs={args.steps}",
                   f"model.model_config.seq_length={args.seq_length}", f"lr_schedule.learning_rate={args.lr}",
-                  *overrides]
+                  f"model.model_config.compute_dtype={args.compute_dtype}", *overrides]
 
 
 def run_petformers(args, train: Path, eval_path: Path | None, out: Path, name: str = "petformers",
@@ -221,12 +229,14 @@ def run_petformers(args, train: Path, eval_path: Path | None, out: Path, name: s
     summary = json.loads((run_dir / "run_summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
+    shown = [os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd[2:]]
     return {"trained_tokens_per_s": summary["trained_tokens_per_s"], "wall_s": child["wall_s"],
             "peak_rss_mib": child["peak_rss_mib"], "final_loss": summary["final_loss"],
             "eval_loss": summary.get("eval_loss"), "train_s": summary["train_seconds"],
             "trained_tokens": summary["trained_tokens"], "steps": summary["steps"],
             "rows_per_step": summary["global_batch"], "first_loss": summary["first_loss"],
-            "losses": [r["loss"] for r in steps], "command": " ".join(cmd[1:])}
+            "losses": [r["loss"] for r in steps], "compute_dtype": args.compute_dtype,
+            "command": " ".join(shown)}
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -363,6 +373,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--compute-dtype", choices=["bfloat16", "float32"],
+                    help="petformers' compute dtype (default: bfloat16 where this machine's bf16 matmul is faster)")
+    ap.add_argument("--slow-bf16-limit", type=float, default=900,
+                    help="where bf16 matmul is slower than fp32, stop (b) after this many seconds of training")
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     ap.add_argument("--levers", action="store_true", help="also measure the levers (bench_levers.py)")
     ap.add_argument("--levers-only", action="store_true", help="measure the levers, keep the main runs in docs/")
@@ -391,19 +405,26 @@ def main(argv=None) -> int:
                   "workload": workload_stats(train, args.seq_length, args.batch_size)}
         if previous.exists() and not args.quick:
             report["levers"] = json.loads(previous.read_text()).get("levers")
+        peak = report["matmul_peak_gflops"]
+        args.compute_dtype = args.compute_dtype or compute_dtype_for(peak)
+        slow_bf16 = peak["bf16"] < peak["fp32"]
+        report["settings"]["petformers_compute_dtype"] = args.compute_dtype
         load_before = os.getloadavg()[0]
         for name in [n for n in RUNS if n in args.only.split(",")]:
             print(f"bench: {name} ...", flush=True)
             if name == "petformers":
                 report["runs"][name] = run_petformers(args, train, eval_path, out)
             else:
-                report["runs"][name] = run_hf(name, name.rsplit("_", 1)[1], args, train, eval_path, out)
+                limit = args.slow_bf16_limit if name == "hf_peft_bf16" and slow_bf16 else 0
+                report["runs"][name] = run_hf(name, name.rsplit("_", 1)[1], args, train, eval_path, out, limit)
             x = report["runs"][name]
             print(f"bench: {name}: {x['trained_tokens_per_s']:.1f} trained tokens/s, {x['wall_s']:.0f} s, "
                   f"{x['peak_rss_mib']:.0f} MiB, final loss {x['final_loss']:.4f}, held-out {x.get('eval_loss')}",
                   flush=True)
         report["load_average"] = {"before": load_before, "after_1min": os.getloadavg()[0]}
         report["noise_note"] = noise_note(report)
+    args.compute_dtype = (args.compute_dtype or report["settings"].get("petformers_compute_dtype")
+                          or compute_dtype_for(report["matmul_peak_gflops"]))
     if args.levers or args.levers_only:
         from bench_levers import measure_levers
 

@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="stop after the step that passes this many seconds of training (0: no limit); "
+                         "the result then says how many steps ran and skips the held-out loss")
     ap.add_argument("--out", type=Path, required=True, help="where to write the result JSON")
     args = ap.parse_args(argv)
 
@@ -174,11 +177,16 @@ def main(argv=None) -> int:
         step_seconds.append(time.perf_counter() - t0)
         print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} {step_seconds[-1]:.1f}s", file=sys.stderr,
               flush=True)
+        if args.time_limit and time.perf_counter() - train_start > args.time_limit and step + 1 < args.steps:
+            print(f"stopping after {step + 1} steps: --time-limit {args.time_limit:g} s", file=sys.stderr)
+            break
     train_s = time.perf_counter() - train_start
-    eval_loss = evaluate(model, eval_samples, args.batch_size, pad_id, args.dtype == "bf16")
+    stopped_early = len(losses) < args.steps
+    eval_loss = None if stopped_early else evaluate(model, eval_samples, args.batch_size, pad_id,
+                                                    args.dtype == "bf16")
 
     result = {
-        "runner": "transformers + peft", "dtype": args.dtype, "steps": args.steps,
+        "runner": "transformers + peft", "dtype": args.dtype, "steps": len(losses), "stopped_early": stopped_early,
         "samples_per_step": args.batch_size, "threads": torch.get_num_threads(),
         "train_s": train_s, "trained_tokens": trained, "real_tokens": real, "computed_positions": positions,
         "trained_tokens_per_s": trained / train_s, "first_loss": losses[0], "final_loss": losses[-1],

@@ -8,7 +8,9 @@ interleaved layout and undo llama.cpp's permutation. The model knows nothing of 
 Attention takes three optional descriptions of which keys a query may see, all through
 `scaled_dot_product_attention`:
 - nothing: plain causal attention (training on padded rows, prefill);
-- `segment_ids` [B, T]: packed rows, block-diagonal causal attention (a sample never sees another);
+- `segment_ids` [B, T]: packed rows, block-diagonal causal attention (a sample never sees another),
+  computed sample by sample (`segment_attention`): causal attention over each sample's own columns does
+  sum(L^2)/2 work instead of the T^2 of a masked row, and needs no [T, T] mask;
 - `attention_mask` [B, S]: 1 for real tokens, 0 for (left) padding, with a KV cache of S keys.
 """
 
@@ -112,6 +114,26 @@ def build_attention_mask(
     return mask
 
 
+def segment_lengths(segment_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the lengths of its runs of equal segment ids. Packed samples (and the trailing
+    padding) are contiguous runs (data/packing.py), so each run is one sample."""
+    ids = segment_ids.cpu()
+    cuts = [[0] + (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist() + [ids.shape[1]] for row in ids]
+    return [[end - start for start, end in zip(c[:-1], c[1:])] for c in cuts]
+
+
+def segment_attention(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
+    """Causal attention within each segment of each row; q, k, v [B, heads, T, head_dim]. `split` (not
+    indexing) so that backward concatenates the segments' gradients instead of zero-filling a
+    full-size tensor per segment."""
+    rows = []
+    for i, row in enumerate(lengths):
+        qkv = (q, k, v) if len(lengths) == 1 else (q[i:i + 1], k[i:i + 1], v[i:i + 1])
+        parts = zip(*(t.split(row, dim=2) for t in qkv))
+        rows.append(torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True) for a, b, c in parts], dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -123,7 +145,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, segments=None):
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -135,7 +157,10 @@ class Attention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        if segments is not None:
+            out = segment_attention(q, k, v, segments)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -160,8 +185,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, segments=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -207,12 +232,20 @@ class Llama(nn.Module):
         x = self.tok_embeddings(input_ids)
         inv_freq = rope_inv_freq(self.config, device=input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
+        segments = None
+        if segment_ids is not None and attention_mask is None and cache is None:
+            segments, segment_ids = segment_lengths(segment_ids), None  # packed training rows: sample by sample
         mask = build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device)
+        if mask is not None:
+            # SDPA turns a boolean mask into an additive one at every call and each layer keeps its copy
+            # for backward (30 x 4 MiB per 1024-token row, 32 x 64 MiB at 4096); converted once, the
+            # layers share one. Every query sees at least itself, so no row is all -inf.
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, segments, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, segments)
         if cache is not None:
             cache.length += t
         return self.norm(x)

@@ -1,0 +1,268 @@
+"""The levers of docs/benchmarks.md: what each of petformers' optimizations buys, one at a time.
+
+Each variant trains a few optimizer steps (after one untimed warm-up step) with petformers' own
+model, LoRA, collate and loss, as petformers/train/loop.py does, on the bench workload's rows, in a
+child process of its own (so its peak RSS is its own). The weights are random with SmolLM2-135M's
+shapes: speed and memory do not depend on their values, and skipping the GGUF load keeps each
+variant short. `scripts/bench.py --levers` runs them all and puts the table in docs/benchmarks.md.
+
+    python scripts/bench_levers.py --child '{"packing": false}' --rows output/bench/levers --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (what it changes against the bench's petformers settings, the change)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "petformers": ("the bench's settings: packed rows, 2 rows of 1024 per step, frozen-head cross-entropy, "
+                   "freed memory returned to the OS", {}),
+    "no_packing": ("one sample per row, 8 samples per step, each batch cut to its longest sample "
+                   "(the baseline's dynamic padding)", {"packing": False}),
+    "other_dtype": ("the other compute dtype for the frozen base (bf16 <-> fp32); adapters stay fp32",
+                    {"other_dtype": True}),
+    "checkpointed_ce": ("cross-entropy in chunks that recompute lm_head in backward (petformers before the "
+                        "frozen-head path)", {"loss": "checkpointed"}),
+    "plain_ce": ("float32 logits for every position, then cross-entropy (what transformers does)",
+                 {"loss": "plain"}),
+    "masked_attention": ("packed rows attended through one [T, T] block-diagonal mask shared by the layers, "
+                         "instead of sample by sample (petformers before)", {"masked": True}),
+    "bool_mask": ("as masked_attention, but the mask boolean: SDPA converts it and keeps a float copy in "
+                  "every layer (petformers before that)", {"masked": True, "bool_mask": True}),
+    "malloc_default": ("glibc's default heap behaviour (freed activations kept in the heap)",
+                       {"malloc_default": True}),
+    "recompute": ("activation checkpointing of every decoder layer (recompute_config.recompute)",
+                  {"recompute": True}),
+    "threads_1": ("1 thread instead of all cores", {"threads": 1}),
+    "compile": ("torch.compile of hidden_states (inductor); the compile itself is in the warm-up step",
+                {"compile": True}),
+}
+
+
+# ---- the child: a few training steps ----------------------------------------------------------------
+
+def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: float) -> dict:
+    if not spec.get("malloc_default"):
+        from petformers.train.run import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+    import torch
+    import torch.nn.functional as F
+
+    from petformers.checkpoint.load import load_config
+    from petformers.data.dataset import PreparedDataset
+    from petformers.models.llama import build_model
+    from petformers.pet.config import PetConfig
+    from petformers.pet.inject import apply_lora
+    from petformers.train.datasets import collate
+    from petformers.train.loss import chunked_cross_entropy_sum, plain_cross_entropy_sum
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    if spec.get("other_dtype"):
+        dtype = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    if spec.get("bool_mask"):  # hand SDPA a boolean mask again, as the model did before
+        sdpa = F.scaled_dot_product_attention
+
+        def bool_mask_sdpa(q, k, v, attn_mask=None, **kw):
+            return sdpa(q, k, v, attn_mask=None if attn_mask is None else attn_mask == 0, **kw)
+
+        F.scaled_dot_product_attention = bool_mask_sdpa
+
+    config, _ = load_config("smollm2-135m-instruct")
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    model.to(dtype)
+    apply_lora(model, PetConfig(lora_rank=16, lora_alpha=16, lora_dropout=0.05,
+                                target_modules=".*wq|.*wk|.*wv|.*wo"))
+    model.gradient_checkpointing = bool(spec.get("recompute"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)
+    hidden_states = torch.compile(model.hidden_states) if spec.get("compile") else model.hidden_states
+
+    packed = spec.get("packing", True)
+    ds = PreparedDataset(rows_dir / ("packed" if packed else "unpacked"))
+    rows_per_micro, micro_per_step = (1, 2) if packed else (8, 1)
+    pad_id = int(ds.meta["pad_id"])
+
+    def loss_of(b):
+        # An all-ones attention_mask sends packed rows down the masked path (the same block-diagonal mask).
+        ones = torch.ones_like(b["input_ids"]) if spec.get("masked") and packed else None
+        hidden = hidden_states(b["input_ids"], b["position_ids"], b["segment_ids"], ones)
+        if spec.get("loss") == "plain":
+            return plain_cross_entropy_sum(model.lm_head(hidden), b["targets"])
+        head = (lambda h: model.lm_head(h)) if spec.get("loss") == "checkpointed" else model.lm_head
+        return chunked_cross_entropy_sum(head, hidden, b["targets"])
+
+    cursor, step_s, tokens = 0, [], []
+    started = time.perf_counter()
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        batches = []
+        for _ in range(micro_per_step):
+            idx = [(cursor + i) % len(ds) for i in range(rows_per_micro)]
+            cursor += rows_per_micro
+            batches.append(collate([ds[i] for i in idx], pad_id, packed, "cpu"))
+        n = sum(int((b["targets"] != -100).sum()) for b in batches)
+        for b in batches:
+            (loss_of(b) / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t0)
+        tokens.append(n)
+        print(f"step {step} {step_s[-1]:.1f}s {n} trained tokens", file=sys.stderr, flush=True)
+        if time.perf_counter() - started > time_limit:
+            break
+    timed = slice(1, None) if len(step_s) > 1 else slice(0, None)  # step 0 warms up (and compiles)
+    return {"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "steps_timed": len(step_s[timed]), "warmup_s": step_s[0], "step_s": step_s[timed],
+            "trained_tokens_per_s": sum(tokens[timed]) / sum(step_s[timed]),
+            "peak_rss_mib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def fused_matmuls(tokens: int = 2048, repeats: int = 5) -> dict:
+    """q/k/v as three products or one over the concatenated weight (and gate/up), forward + input grad:
+    what fusing the projections could buy at most, before any LoRA bookkeeping."""
+    import torch
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    x = torch.randn(tokens, 576)
+    g = {n: torch.randn(tokens, n) for n in (576, 192, 1536, 960, 3072)}
+    w = {n: torch.randn(n, 576) for n in (576, 192, 1536, 960, 3072)}
+
+    def split(widths):
+        def run():
+            for n in widths:
+                y = x @ w[n].T
+                _ = g[n] @ w[n]  # gradient for x (the base weights are frozen)
+                del y
+        return run
+
+    def fused(n):
+        def run():
+            y = x @ w[n].T
+            _ = g[n] @ w[n]
+            del y
+        return run
+
+    qkv = best(split((576, 192, 192))), best(fused(960))
+    gate_up = best(split((1536, 1536))), best(fused(3072))
+    return {"qkv_split_s": qkv[0], "qkv_fused_s": qkv[1], "gate_up_split_s": gate_up[0],
+            "gate_up_fused_s": gate_up[1]}
+
+
+# ---- the parent ---------------------------------------------------------------------------------------
+
+def prepare_rows(train: Path, out: Path, seq_length: int) -> Path:
+    """The workload as petformers prepares it, packed and unpacked, written once for every variant."""
+    from petformers.checkpoint.download import download
+    from petformers.checkpoint.load import load_tokenizer
+    from petformers.data.prepare import prepare
+
+    rows = out / "levers"
+    tokenizer = load_tokenizer(download("smollm2-135m-instruct"))
+    for name, packing in (("packed", True), ("unpacked", False)):
+        prepare(str(train), tokenizer, seq_length, template="chat", packing=packing, output_dir=rows / name,
+                progress=False)
+    return rows
+
+
+def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time_limit: float = 600) -> dict:
+    from bench import _run_child
+
+    rows = prepare_rows(train, out, args.seq_length)
+    results = {}
+    for name, (what, spec) in VARIANTS.items():
+        print(f"bench: lever {name} ...", flush=True)
+        result_file = out / "levers" / f"{name}.json"
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--rows", str(rows), "--steps", str(steps),
+               "--dtype", args.compute_dtype, "--time-limit", str(time_limit), "--out", str(result_file)]
+        run = _run_child(cmd, spec.get("threads", args.threads), out / "levers" / f"{name}.log")
+        if run["rc"] != 0:
+            results[name] = {"what": what, "error": f"exit {run['rc']}, see {out / 'levers' / (name + '.log')}"}
+            continue
+        results[name] = {"what": what, **json.loads(result_file.read_text()), "peak_rss_mib": run["peak_rss_mib"]}
+    print("bench: fused projections (matmuls only) ...", flush=True)
+    fused = _run_child([sys.executable, __file__, "--fused-matmuls"], args.threads)
+    results["fused_projections"] = json.loads(fused["stdout"].strip().splitlines()[-1])
+    results["load_average_after"] = os.getloadavg()[0]
+    return results
+
+
+def render(levers: dict) -> list[str]:
+    base = levers.get("petformers", {})
+    lines = [
+        "## Levers",
+        "",
+        "Each row changes one thing against the petformers run above and trains a few steps of the same "
+        "model shapes (random weights), the same LoRA and the same rows, in a process of its own "
+        "(`scripts/bench.py --levers`, `scripts/bench_levers.py`); the first step is a warm-up and is not "
+        "timed. Throughput is relative to the first row, measured in the same session.",
+        "",
+        "| variant | what changes | trained tokens/s | × | peak RSS MiB | × |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, (what, _) in VARIANTS.items():
+        x = levers.get(name)
+        if not x:
+            continue
+        if "error" in x:
+            lines.append(f"| {name} | {what} | failed: {x['error']} | | | |")
+            continue
+        tps = x["trained_tokens_per_s"]
+        ratio = f"{tps / base['trained_tokens_per_s']:.2f}" if base.get("trained_tokens_per_s") else "–"
+        mem = f"{x['peak_rss_mib'] / base['peak_rss_mib']:.2f}" if base.get("peak_rss_mib") else "–"
+        extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
+        extra += f"; warm-up/compile step {x['warmup_s']:.0f} s" if name == "compile" else ""
+        lines.append(f"| {name} | {what}{extra} | {tps:.1f} | {ratio} | {x['peak_rss_mib']:.0f} | {mem} |")
+    f = levers.get("fused_projections")
+    if f:
+        lines += [
+            "",
+            "Fused projections (matmuls alone, 2048 tokens, forward + input gradient): q/k/v as three products "
+            f"{1e3 * f['qkv_split_s']:.0f} ms against one over the concatenated weight {1e3 * f['qkv_fused_s']:.0f} ms; "
+            f"gate/up {1e3 * f['gate_up_split_s']:.0f} ms against {1e3 * f['gate_up_fused_s']:.0f} ms.",
+        ]
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", help="a variant's change, as JSON")
+    ap.add_argument("--rows", type=Path)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--time-limit", type=float, default=600)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--fused-matmuls", action="store_true")
+    args = ap.parse_args(argv)
+    if args.fused_matmuls:
+        print(json.dumps(fused_matmuls()))
+        return 0
+    result = child(json.loads(args.child), args.rows, args.steps, args.dtype, args.time_limit)
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
