@@ -111,6 +111,30 @@ def test_packed_loss_and_grads_equal_unpacked():
         torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_sample_by_sample_attention_equals_the_block_diagonal_mask():
+    """Packed rows take `segment_attention` (each sample alone, causal, k/v heads shared by SDPA); an
+    all-ones attention_mask sends the same rows through one [T, T] block-diagonal mask instead.
+    Several rows of different layouts, grouped-query heads: same logits, same gradients."""
+    model = tiny_lora_model()
+    model.train()
+    rows = make_rows(random_samples(11, seed=4), seq_length=40, packing=True)
+    b = collate(rows[:3], PAD, True, "cpu")
+    assert len({tuple(r["segment_ids"]) for r in rows[:3]}) == 3  # different layouts per row
+
+    def run(attention_mask):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        hidden = model.hidden_states(b["input_ids"], b["position_ids"], b["segment_ids"], attention_mask)
+        chunked_cross_entropy_sum(model.lm_head, hidden, b["targets"]).backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    h_segments, g_segments = run(None)
+    h_masked, g_masked = run(torch.ones_like(b["input_ids"]))
+    torch.testing.assert_close(h_segments, h_masked, rtol=1e-5, atol=1e-5)
+    for name in g_masked:
+        torch.testing.assert_close(g_segments[name], g_masked[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_packed_rows_never_see_another_sample():
     """Changing one sample's tokens changes no other sample's loss in the same packed row."""
     model = tiny_lora_model()

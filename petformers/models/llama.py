@@ -122,7 +122,7 @@ def segment_lengths(segment_ids: torch.Tensor) -> list[list[int]]:
     return [[end - start for start, end in zip(c[:-1], c[1:])] for c in cuts]
 
 
-def segment_attention(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
+def segment_attention(q, k, v, lengths: list[list[int]], **sdpa_kwargs) -> torch.Tensor:
     """Causal attention within each segment of each row; q, k, v [B, heads, T, head_dim]. `split` (not
     indexing) so that backward concatenates the segments' gradients instead of zero-filling a
     full-size tensor per segment."""
@@ -130,8 +130,15 @@ def segment_attention(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
     for i, row in enumerate(lengths):
         qkv = (q, k, v) if len(lengths) == 1 else (q[i:i + 1], k[i:i + 1], v[i:i + 1])
         parts = zip(*(t.split(row, dim=2) for t in qkv))
-        rows.append(torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True) for a, b, c in parts], dim=2))
+        rows.append(torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, **sdpa_kwargs)
+                               for a, b, c in parts], dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+# torch >= 2.5: SDPA shares each key/value head among its query heads itself (enable_gqa). Used on CPU
+# for training rows (no cache, no mask), where its flash kernel supports it; it saves repeating k and v
+# (two copies per layer, kept for backward). Elsewhere k and v are repeated, which every kernel takes.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 class Attention(nn.Module):
@@ -153,14 +160,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv_heads != self.n_heads:
+        grouped = self.n_kv_heads != self.n_heads
+        native_gqa = grouped and _SDPA_GQA and cache is None and mask is None and x.device.type == "cpu"
+        if grouped and not native_gqa:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
+        gqa = {"enable_gqa": True} if native_gqa else {}
         if segments is not None:
-            out = segment_attention(q, k, v, segments)
+            out = segment_attention(q, k, v, segments, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, **gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
