@@ -115,29 +115,34 @@ def matmul_peak(threads: int, size: int = 2048, seconds: float = 3.0) -> dict:
 
 
 def _measure_peak(size: int, seconds: float) -> dict:
-    """Where a dtype has no fast kernel on this CPU (bf16 without AVX512/AMX: ~1 GFLOP/s) a 2048 matmul
-    takes a minute; the size then shrinks until one product takes under ~4 s (the rate hardly
-    depends on size once it is that slow)."""
+    """Best GFLOP/s of size x size products, over the three operand layouts a linear layer's forward and
+    backward use (A·B, A·Bᵀ, Aᵀ·B): where a dtype has no fast kernel (bf16 without AVX512-BF16/AMX) they
+    differ 20x. A layout so slow that one product would take over ~4 s is measured on smaller matrices
+    (the rate hardly depends on size once it is that slow)."""
     import torch
 
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        probe = torch.randn(256, 256, dtype=dtype)
-        torch.mm(probe, probe)  # the first call pays for thread start-up
-        t0 = time.perf_counter()
-        torch.mm(probe, probe)
-        n, probe_s = size, time.perf_counter() - t0
-        while n > 256 and probe_s * (n / 256) ** 3 > 4.0:
-            n //= 2
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        best = 0.0
+        for layout in ("nn", "nt", "tn"):
+            def product(a, b, layout=layout):
+                return torch.mm(a.t() if layout == "tn" else a, b.t() if layout == "nt" else b)
+
+            probe = torch.randn(256, 256, dtype=dtype)
+            product(probe, probe)  # the first call pays for thread start-up
             t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+            product(probe, probe)
+            n, probe_s = size, time.perf_counter() - t0
+            while n > 256 and probe_s * (n / 256) ** 3 > 4.0:
+                n //= 2
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            product(a, b)
+            deadline = time.perf_counter() + seconds / 3
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                product(a, b)
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
         result[name] = best / 1e9
-        result[f"{name}_size"] = n
     return result
 
 
@@ -182,10 +187,13 @@ def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path 
 
 
 def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out: Path, slow: bool = False) -> dict:
-    """slow: this dtype has no fast matmul here (bf16 on AVX2: ~100x slower than fp32, ~30 min per step of
-    8 samples), so only a taste of the run: one sample per step, stopped after --slow-bf16-limit seconds."""
+    """slow: this dtype has no fast matmul here (bf16 without AVX512-BF16/AMX: ~10x slower than fp32, the
+    whole run would take hours), so only a sample of the run: its first 2 steps (stopped after
+    --slow-bf16-limit seconds if they take longer)."""
     result_file = out / f"{name}.json"
-    steps, batch = (2, 1) if slow else (args.steps, args.batch_size)
+    steps, batch = (2, args.batch_size) if slow else (args.steps, args.batch_size)
+    if slow and args.quick:
+        steps, batch = 1, 1  # a step of 8 samples takes ~15 min here: --quick only checks that (b) runs
     time_limit = args.slow_bf16_limit if slow else 0
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--data", str(train), "--dtype", dtype,
            "--steps", str(steps), "--batch-size", str(batch), "--seq-length", str(args.seq_length),
@@ -204,10 +212,12 @@ def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out
             "samples_per_step": r["samples_per_step"], "first_loss": r["first_loss"], "losses": r["losses"]}
 
 
-def compute_dtype_for(peak: dict) -> str:
-    """bf16 where this CPU multiplies bf16 at least as fast as fp32 (AVX512-BF16, AMX, GPUs); else fp32.
-    Without such hardware torch's bf16 matmul is a slow fallback (20-75x slower than fp32 on AVX2)."""
-    return "bfloat16" if peak["bf16"] >= peak["fp32"] else "float32"
+def compute_dtype_for() -> str:
+    """What the bench config's `compute_dtype: auto` resolves to here (petformers/hardware.py): bf16 where
+    the hardware has bf16 matrix instructions (AVX512-BF16, AMX, CUDA), else fp32."""
+    from petformers.hardware import auto_compute_dtype
+
+    return auto_compute_dtype()
 
 
 def petformers_command(args, train: Path, eval_path: Path | None, out_dir: Path, overrides=()) -> list[str]:
@@ -218,7 +228,8 @@ def petformers_command(args, train: Path, eval_path: Path | None, out_dir: Path,
     # Enough epochs of rows for max_steps whatever the packing gives; the schedule spans max_steps.
     return cmd + [f"max_steps={args.steps}", f"runner_config.epochs={args.steps}",
                   f"model.model_config.seq_length={args.seq_length}", f"lr_schedule.learning_rate={args.lr}",
-                  f"model.model_config.compute_dtype={args.compute_dtype}", *overrides]
+                  *([f"model.model_config.compute_dtype={args.compute_dtype}"] if args.compute_dtype_given else []),
+                  *overrides]
 
 
 def run_petformers(args, train: Path, eval_path: Path | None, out: Path, name: str = "petformers",
@@ -298,23 +309,33 @@ def render_markdown(report: dict) -> str:
     for name in RUNS:
         x = runs.get(name)
         if x:
-            steps = f" ({x['steps']} step(s) of {x['samples_per_step']} sample)" if x.get("reduced") else ""
+            steps = (f" (its first {'step' if x['steps'] == 1 else str(x['steps']) + ' steps'} only, "
+                     f"{x['samples_per_step']} samples each)") if x.get("reduced") else ""
             dtype = f" ({x['compute_dtype']})" if name == "petformers" else ""
             lines.append(f"| {TITLES[name]}{dtype}{steps} | {x['trained_tokens_per_s']:.1f} | {x['wall_s']:.0f} | "
                          f"{x['peak_rss_mib']:.0f} | {x['final_loss']:.4f} | {_fmt(x.get('eval_loss'), '.4f')} | "
                          f"{100 * x['mfu']:.1f}% |")
     lines += ["", *_targets(r, runs), ""]
+    bound = None
+    if "hf_peft_fp32" in runs:
+        bound = peak["fp32"] * 1e9 / report["flops_per_trained_token"] / runs["hf_peft_fp32"]["trained_tokens_per_s"]
+    b_steps = runs.get("hf_peft_bf16", {}).get("steps", 0)
     if slow_bf16:
         lines += [
-            "**bf16 on this CPU.** It has no bf16 matrix instructions (AVX2 only: no AVX512-BF16, no AMX), so "
-            f"torch multiplies bf16 matrices through a slow fallback, {peak['fp32'] / max(peak['bf16'], 1e-9):.0f}× "
-            "slower than fp32. Hence: (b), bf16 autocast, is far slower than (a) here (a step of 8 samples would take "
-            "about half an hour), so bench.py only samples its speed: steps of one sample, stopped after "
-            f"{settings.get('slow_bf16_limit', 900):.0f} s of training; its throughput is per trained token as "
-            "for the other runs, its losses are not comparable; and petformers computes in float32 here (bench.py picks "
-            "`compute_dtype` bfloat16 only where the measured bf16 peak is at least the fp32 one). The issue's "
-            "reference figures (fp32 141.7 GFLOP/s, bf16 373.5 GFLOP/s) come from a CPU with bf16 hardware, "
-            "where bf16 is petformers' fastest setting and where its targets were set.",
+            "**bf16 on this CPU.** It has no bf16 matrix instructions (AVX2 only: no AVX512-BF16, no AMX): "
+            f"torch multiplies bf16 through a fallback {peak['fp32'] / max(peak['bf16'], 1e-9):.0f}× slower than "
+            "fp32 at best (and ~100× slower for A·B without a transpose). So (b), bf16 autocast, is far slower "
+            "than (a) here: its whole run would take hours, and bench.py times only the first "
+            f"{'step' if b_steps == 1 else str(b_steps) + ' steps'} (stopping after "
+            f"{settings.get('slow_bf16_limit', 900):.0f} s; its throughput is per trained token like the others, "
+            "its losses are not comparable). And petformers "
+            "computes in float32 here: the bench config's `compute_dtype: auto` (petformers/hardware.py) picks "
+            "bfloat16 only where the hardware has bf16 matrix instructions (AVX512-BF16, AMX, CUDA). The issue's reference figures (fp32 141.7 GFLOP/s, bf16 373.5 "
+            "GFLOP/s) come from a CPU with bf16 hardware, where a bf16 base is petformers' fastest setting and "
+            "where the throughput targets were set."
+            + ("" if bound is None else
+               f" Here an fp32 run at 100% MFU would be {bound:.1f}× (a)"
+               + (": no fp32 run can reach 5× (a) on this CPU." if bound < 5 else ".")),
             "",
         ]
     lines += [
@@ -397,7 +418,10 @@ CHANGES = [
     "glibc otherwise keeps them in its heaps and the RSS grows to ~1.5× the live tensors.",
     "- Grouped-query attention without repeating keys and values (`enable_gqa`, CPU), and one additive "
     "mask shared by all layers where a mask is needed (generation).",
-    "- bf16 frozen base with float32 adapters where the hardware multiplies bf16 fast (not this CPU).",
+    "- The LoRA update added to the frozen layer's output in one `addmm` (`LoRALinear.forward`): no "
+    "separate scale and add passes over [tokens, out_features] in forward and backward.",
+    "- bf16 frozen base with float32 adapters where the hardware multiplies bf16 fast (`compute_dtype: auto`, "
+    "petformers/hardware.py; not this CPU).",
     "",
 ]
 
@@ -444,7 +468,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--compute-dtype", choices=["bfloat16", "float32"],
-                    help="petformers' compute dtype (default: bfloat16 where this machine's bf16 matmul is faster)")
+                    help="petformers' compute dtype (default: the config's `auto`, bfloat16 where the hardware "
+                         "has bf16 matrix instructions)")
     ap.add_argument("--slow-bf16-limit", type=float, default=900,
                     help="where bf16 matmul is slower than fp32, stop (b) after this many seconds of training")
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
@@ -454,6 +479,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=Path, help="where benchmarks.md/json go (default docs/; --quick: the work dir)")
     ap.add_argument("--measure-peak", nargs=2, metavar=("SIZE", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.compute_dtype_given = args.compute_dtype is not None
     if args.measure_peak:
         print(json.dumps(_measure_peak(int(args.measure_peak[0]), float(args.measure_peak[1]))))
         return 0
@@ -468,7 +494,7 @@ def main(argv=None) -> int:
     if report is None or not args.levers_only:
         print(f"bench: measuring the matmul peak ({args.threads} threads)", flush=True)
         report = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": args.threads,
-                  "peak_matmul": "best of a 2048×2048 torch.mm loop, 3 s per dtype",
+                  "peak_matmul": "best of 2048×2048 torch.mm loops over the layouts A·B, A·Bᵀ, Aᵀ·B, 3 s per dtype",
                   "matmul_peak_gflops": matmul_peak(args.threads), "runs": {}, "ratios": {},
                   "settings": {"records": args.records, "eval_records": args.eval_records, "steps": args.steps,
                                "batch_size": args.batch_size, "seq_length": args.seq_length, "lr": args.lr},
@@ -476,7 +502,7 @@ def main(argv=None) -> int:
         if previous.exists() and not args.quick:
             report["levers"] = json.loads(previous.read_text()).get("levers")
         peak = report["matmul_peak_gflops"]
-        args.compute_dtype = args.compute_dtype or compute_dtype_for(peak)
+        args.compute_dtype = args.compute_dtype or compute_dtype_for()
         slow_bf16 = peak["bf16"] < peak["fp32"]
         report["settings"]["petformers_compute_dtype"] = args.compute_dtype
         report["settings"]["slow_bf16_limit"] = args.slow_bf16_limit
@@ -498,7 +524,7 @@ def main(argv=None) -> int:
         report["matmul_peak_gflops_after"] = matmul_peak(args.threads)
         report["noise_note"] = noise_note(report)
     args.compute_dtype = (args.compute_dtype or report["settings"].get("petformers_compute_dtype")
-                          or compute_dtype_for(report["matmul_peak_gflops"]))
+                          or compute_dtype_for())
     if args.levers or args.levers_only:
         from bench_levers import measure_levers
 

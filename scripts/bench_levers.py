@@ -37,6 +37,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                          "instead of sample by sample (petformers before)", {"masked": True}),
     "bool_mask": ("as masked_attention, but the mask boolean: SDPA converts it and keeps a float copy in "
                   "every layer (petformers before that)", {"masked": True, "bool_mask": True}),
+    "unfused_lora": ("the LoRA update scaled and added in separate passes, W·x + (B·A·x)·s, instead of one "
+                     "addmm (petformers before)", {"unfused_lora": True}),
     "malloc_default": ("glibc's default heap behaviour (freed activations kept in the heap)",
                        {"malloc_default": True}),
     "recompute": ("activation checkpointing of every decoder layer (recompute_config.recompute)",
@@ -78,6 +80,15 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
 
         F.scaled_dot_product_attention = bool_mask_sdpa
 
+    if spec.get("unfused_lora"):  # LoRALinear's update as PEFT writes it: scale, then add
+        from petformers.pet.lora import LoRALinear
+
+        def unfused_forward(self, x):
+            result = F.linear(x, self.weight, self.bias)
+            return (result + self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
+                    * self.scaling).to(result.dtype)
+
+        LoRALinear.forward = unfused_forward
     config, _ = load_config("smollm2-135m-instruct")
     model = build_model(config, device="cpu", dtype=torch.float32)
     model.init_weights(generator=torch.Generator().manual_seed(0))
@@ -193,10 +204,10 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
     results = {}
     for name, (what, spec) in VARIANTS.items():
         if spec.get("other_dtype") and args.compute_dtype == "float32":
-            # bf16 is only "the other dtype" here because this CPU multiplies bf16 ~100x slower than fp32:
-            # one step would take most of an hour. The matmul peaks above say what it would show.
-            results[name] = {"what": what, "skipped": "bf16 matmul on this CPU is ~100x slower than fp32 (see the "
-                                                      "measured peaks): a bf16 base only pays with bf16 hardware"}
+            # bf16 is only "the other dtype" here because this CPU multiplies bf16 far slower than fp32
+            # (compute_dtype_for): a few steps would take most of an hour, and the peaks say what they would show.
+            results[name] = {"what": what, "skipped": "this CPU multiplies bf16 many times slower than fp32 (the "
+                                                      "measured peaks above): a bf16 base only pays with bf16 hardware"}
             continue
         print(f"bench: lever {name} ...", flush=True)
         result_file = out / "levers" / f"{name}.json"

@@ -278,3 +278,33 @@ def test_flop_counts_match_smollm2_shapes():
     assert bench.N_HEAD == model.lm_head.weight.numel()
     apply_lora(model, PetConfig(lora_rank=16, lora_alpha=16, target_modules=".*wq|.*wk|.*wv|.*wo"))
     assert bench.N_LORA == sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_843_200
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_update_equals_the_unfused_formula(shape, dropout):
+    """LoRALinear adds s·B·A·dropout(x) to W·x in one addmm (fp32 base): same outputs, same gradients for x,
+    A and B as the separate scale-and-add, and the same dropout mask for the same seed."""
+    from petformers.pet.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(24, 10, bias=True), rank=4, alpha=12, dropout=dropout)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    layer.train()
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    a, b = layer.lora_a.weight.detach().clone().requires_grad_(True), layer.lora_b.weight.detach().clone()
+    b.requires_grad_(True)
+    dropped = torch.nn.functional.dropout(x_ref, dropout, training=True)
+    y_ref = torch.nn.functional.linear(x_ref, layer.weight, layer.bias) + (dropped @ a.T @ b.T) * layer.scaling
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_a.weight.grad, a.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_b.weight.grad, b.grad, atol=1e-5, rtol=1e-5)

@@ -648,6 +648,10 @@ def _check_values(cfg: RunConfig, table: dict, raw: dict):
                           "CosineWithWarmUpLR, LinearWithWarmUpLR or ConstantWarmUpLR (or cosine, linear, constant)")
     from petformers.models.config import parse_dtype
 
+    if str(cfg.compute_dtype).lower() == "auto":
+        from petformers.hardware import auto_compute_dtype
+
+        cfg.compute_dtype = auto_compute_dtype()  # bf16 only where this machine multiplies bf16 fast
     for name in ("compute_dtype", "param_init_type"):
         setattr(cfg, name, str(parse_dtype(getattr(cfg, name), where(name))).removeprefix("torch."))
 
