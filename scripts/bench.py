@@ -315,7 +315,12 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {TITLES[name]}{dtype}{steps} | {x['trained_tokens_per_s']:.1f} | {x['wall_s']:.0f} | "
                          f"{x['peak_rss_mib']:.0f} | {x['final_loss']:.4f} | {_fmt(x.get('eval_loss'), '.4f')} | "
                          f"{100 * x['mfu']:.1f}% |")
+    for name, x in report.get("extra_runs", {}).items():
+        lines.append(f"| {x['title']} | {x['trained_tokens_per_s']:.1f} | {x['wall_s']:.0f} | {x['peak_rss_mib']:.0f} | "
+                     f"{x['final_loss']:.4f} | {_fmt(x.get('eval_loss'), '.4f')} | – |")
     lines += ["", *_targets(r, runs), ""]
+    for name, x in report.get("extra_runs", {}).items():
+        lines += [x["note"], ""]
     bound = None
     if "hf_peft_fp32" in runs:
         bound = peak["fp32"] * 1e9 / report["flops_per_trained_token"] / runs["hf_peft_fp32"]["trained_tokens_per_s"]
@@ -414,8 +419,9 @@ CHANGES = [
     "the frozen lm_head of LoRA the gradient for the hidden states is computed in the same pass "
     "(`_FrozenHeadCrossEntropy` in petformers/train/loss.py): lm_head runs twice per chunk instead of three "
     "times, and no logits are kept for backward.",
-    "- Freed activations go back to the OS (`return_freed_memory_to_os` in petformers/train/run.py): "
-    "glibc otherwise keeps them in its heaps and the RSS grows to ~1.5× the live tensors.",
+    "- glibc's own heap reuse for activations: returning freed tensors to the OS at once (a fixed mmap "
+    "threshold, `PETFORMERS_LOW_RSS=1`) makes the peak RSS ~0.7x but every step ~1.5x slower, since each "
+    "activation lands on fresh pages the kernel must zero (the low_rss lever below); off by default.",
     "- Grouped-query attention without repeating keys and values (`enable_gqa`, CPU), and one additive "
     "mask shared by all layers where a mask is needed (generation).",
     "- The LoRA update added to the frozen layer's output in one `addmm` (`LoRALinear.forward`): no "
@@ -428,8 +434,11 @@ CHANGES = [
 GPU_NOTE = [
     "## GPU",
     "",
-    "Not measured: no GPU was available to this run. On CUDA the same bench runs unchanged (bench_hf.py and "
-    "petformers use the GPU when torch sees one).",
+    "Not measured: no GPU was lent to this task (the device tool's status: not drawn). Prepared for one: "
+    "`scripts/bench_gpu.py` runs Llama2-7B-shaped random weights at seq_length 4096, batch 1, LoRA r16 on "
+    "wq/wk/wv/wo, petformers then transformers + peft, each in its own process (trained tokens/s, peak GiB, "
+    "MFU against the measured bf16 peak); tests/test_bench_gpu_script.py runs it scaled down on the CPU. "
+    "On CUDA the main bench also runs unchanged (bench_hf.py and petformers use the GPU when torch sees one).",
     "",
 ]
 
@@ -472,7 +481,8 @@ def main(argv=None) -> int:
                          "has bf16 matrix instructions)")
     ap.add_argument("--slow-bf16-limit", type=float, default=900,
                     help="where bf16 matmul is slower than fp32, stop (b) after this many seconds of training")
-    ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}: re-measure these, keep the others from "
+                         "docs/benchmarks.json")
     ap.add_argument("--levers", action="store_true", help="also measure the levers (bench_levers.py)")
     ap.add_argument("--levers-only", action="store_true", help="measure the levers, keep the main runs in docs/")
     ap.add_argument("--out", type=Path, help="working directory (default output/bench)")
@@ -491,7 +501,18 @@ def main(argv=None) -> int:
 
     previous = docs / "benchmarks.json"
     report = json.loads(previous.read_text()) if previous.exists() and args.levers_only else None
-    if report is None or not args.levers_only:
+    only = [n for n in RUNS if n in args.only.split(",")]
+    if previous.exists() and not args.levers_only and set(only) != set(RUNS):
+        # Re-measure some runs, keep the others from the last full bench (their date stays in "measured").
+        report = json.loads(previous.read_text())
+        print(f"bench: re-measuring {', '.join(only)}; the other runs are kept from {previous}", flush=True)
+        args.compute_dtype = args.compute_dtype or compute_dtype_for()
+        slow_bf16 = report["matmul_peak_gflops"]["bf16"] < report["matmul_peak_gflops"]["fp32"]
+        for name in only:
+            report["runs"][name] = _measure_run(name, args, train, eval_path, out, slow_bf16)
+            report.setdefault("measured", {})[name] = datetime.datetime.now().isoformat(timespec="seconds")
+        report["noise_note"] = noise_note(report)
+    elif report is None or not args.levers_only:
         print(f"bench: measuring the matmul peak ({args.threads} threads)", flush=True)
         report = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": args.threads,
                   "peak_matmul": "best of 2048×2048 torch.mm loops over the layouts A·B, A·Bᵀ, Aᵀ·B, 3 s per dtype",
@@ -507,18 +528,9 @@ def main(argv=None) -> int:
         report["settings"]["petformers_compute_dtype"] = args.compute_dtype
         report["settings"]["slow_bf16_limit"] = args.slow_bf16_limit
         load_before = os.getloadavg()[0]
-        for name in [n for n in RUNS if n in args.only.split(",")]:
-            print(f"bench: {name} ...", flush=True)
-            if name == "petformers":
-                report["runs"][name] = run_petformers(args, train, eval_path, out)
-            else:
-                slow = name == "hf_peft_bf16" and slow_bf16
-                report["runs"][name] = run_hf(name, name.rsplit("_", 1)[1], args, train, eval_path, out, slow)
-                report["runs"][name]["reduced"] = slow
-            x = report["runs"][name]
-            print(f"bench: {name}: {x['trained_tokens_per_s']:.1f} trained tokens/s, {x['wall_s']:.0f} s, "
-                  f"{x['peak_rss_mib']:.0f} MiB, final loss {x['final_loss']:.4f}, held-out {x.get('eval_loss')}",
-                  flush=True)
+        for name in only:
+            report["runs"][name] = _measure_run(name, args, train, eval_path, out, slow_bf16)
+            report.setdefault("measured", {})[name] = datetime.datetime.now().isoformat(timespec="seconds")
         report["load_average"] = {"before": load_before, "after_1min": os.getloadavg()[0]}
         print("bench: measuring the matmul peak again", flush=True)
         report["matmul_peak_gflops_after"] = matmul_peak(args.threads)
@@ -535,9 +547,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def _measure_run(name: str, args, train: Path, eval_path: Path | None, out: Path, slow_bf16: bool) -> dict:
+    print(f"bench: {name} ...", flush=True)
+    if name == "petformers":
+        x = run_petformers(args, train, eval_path, out)
+    else:
+        slow = name == "hf_peft_bf16" and slow_bf16
+        x = run_hf(name, name.rsplit("_", 1)[1], args, train, eval_path, out, slow)
+        x["reduced"] = slow
+    print(f"bench: {name}: {x['trained_tokens_per_s']:.1f} trained tokens/s, {x['wall_s']:.0f} s, "
+          f"{x['peak_rss_mib']:.0f} MiB, final loss {x['final_loss']:.4f}, held-out {x.get('eval_loss')}", flush=True)
+    return x
+
+
 def noise_note(report: dict) -> str:
-    """How much other work shared the cores: load average, the fp32 peak before and after, and the spread
-    of petformers' step throughput (its steps are all about 2,000 tokens, so the spread is mostly noise)."""
+    """How much other work shared the cores: load average, the fp32 peak before and after, the spread of
+    petformers' step throughput (each step is 2 rows of 1024 positions, but the trained share of a row varies
+    with its prompts, so part of the spread is the data), and which runs were re-measured later."""
     load, before, after = report["load_average"], report["matmul_peak_gflops"], report["matmul_peak_gflops_after"]
     text = (f"This machine's {os.cpu_count()} cores are shared with other work. The 1-minute load average was "
             f"{load['before']:.1f} when the bench started and {load['after_1min']:.1f} when it ended (the bench "
@@ -548,6 +574,9 @@ def noise_note(report: dict) -> str:
         ordered = sorted(steps)
         text += (f" petformers' steps ran at {ordered[0]:.0f} to {ordered[-1]:.0f} trained tokens/s (median "
                  f"{ordered[len(ordered) // 2]:.0f}).")
+    measured = report.get("measured", {})
+    if len(set(v[:16] for v in measured.values())) > 1:
+        text += " Runs measured at different times: " + ", ".join(f"{k} {v}" for k, v in measured.items()) + "."
     return text + (" Differences of a few percent between runs are within this noise; the ratios compare runs "
                    "of the same `make bench`.")
 

@@ -3,7 +3,7 @@
 A plain PyTorch loop: the model loaded by transformers (SDPA attention), PEFT's LoRA on q/k/v/o,
 each batch padded to its longest sample (dynamic padding), AdamW, cosine schedule with warmup,
 gradient clipping at 1.0. `--dtype bf16` wraps the forward pass and the loss in
-`torch.autocast("cpu", torch.bfloat16)`, the easiest speed setting transformers offers.
+`torch.autocast(device, torch.bfloat16)`, the easiest speed setting transformers offers.
 
 Reads the conversations written by scripts/bench.py (OpenAI `messages` JSONL), renders each with
 the tokenizer's chat template, masks the prompt (label -100) and anything after the answer's
@@ -87,9 +87,12 @@ def add_lora(model, rank: int, alpha: float, dropout: float):
     return get_peft_model(model, config)
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one, as a user would
+
+
 def batch_loss(model, batch: dict, autocast: bool) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return model(**batch).loss
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        return model(**{k: v.to(DEVICE) for k, v in batch.items()}).loss
 
 
 def evaluate(model, samples, batch_size: int, pad_id: int, autocast: bool) -> float | None:
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
 
         gguf = download("smollm2-135m-instruct")
     model, tokenizer = load_model(gguf)
+    model.to(DEVICE)
     model = add_lora(model, args.rank, args.alpha, args.dropout)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -191,7 +195,8 @@ def main(argv=None) -> int:
         "train_s": train_s, "trained_tokens": trained, "real_tokens": real, "computed_positions": positions,
         "trained_tokens_per_s": trained / train_s, "first_loss": losses[0], "final_loss": losses[-1],
         "losses": losses, "step_seconds": step_seconds, "eval_loss": eval_loss,
-        "load_and_setup_s": train_start - started,
+        "load_and_setup_s": train_start - started, "device": str(DEVICE),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if DEVICE.type == "cuda" else None,
     }
     args.out.write_text(json.dumps(result, indent=2))
     return 0

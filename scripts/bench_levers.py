@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (what it changes against the bench's petformers settings, the change)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "petformers": ("the bench's settings: packed rows, 2 rows of 1024 per step, frozen-head cross-entropy, "
-                   "freed memory returned to the OS", {}),
+    "petformers": ("the bench's settings: packed rows, 2 rows of 1024 per step, frozen-head cross-entropy", {}),
     "no_packing": ("one sample per row, 8 samples per step, each batch cut to its longest sample "
                    "(the baseline's dynamic padding)", {"packing": False}),
     "other_dtype": ("the other compute dtype for the frozen base (bf16 <-> fp32); adapters stay fp32",
@@ -39,8 +38,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   "every layer (petformers before that)", {"masked": True, "bool_mask": True}),
     "unfused_lora": ("the LoRA update scaled and added in separate passes, W·x + (B·A·x)·s, instead of one "
                      "addmm (petformers before)", {"unfused_lora": True}),
-    "malloc_default": ("glibc's default heap behaviour (freed activations kept in the heap)",
-                       {"malloc_default": True}),
+    "low_rss": ("freed activations returned to the OS at once (a fixed 128 KiB mmap threshold, "
+                "PETFORMERS_LOW_RSS=1; petformers' default before this bench)", {"low_rss": True}),
     "recompute": ("activation checkpointing of every decoder layer (recompute_config.recompute)",
                   {"recompute": True}),
     "threads_1": ("1 thread instead of all cores", {"threads": 1}),
@@ -52,7 +51,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 # ---- the child: a few training steps ----------------------------------------------------------------
 
 def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: float) -> dict:
-    if not spec.get("malloc_default"):
+    if spec.get("low_rss"):
         from petformers.train.run import return_freed_memory_to_os
 
         return_freed_memory_to_os()
@@ -227,7 +226,7 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
 
 
 # Variants that switch on something petformers does not do by default; the others take away a default.
-OPTIONS = ("other_dtype", "recompute", "threads_1", "compile")
+OPTIONS = ("other_dtype", "recompute", "threads_1", "compile", "low_rss")
 
 
 def verdict(name: str, speed: float, memory: float) -> str:
@@ -245,13 +244,14 @@ def verdict(name: str, speed: float, memory: float) -> str:
 
 
 def render(levers: dict) -> list[str]:
-    base = levers.get("petformers", {})
+    baseline = levers.get("baseline", "petformers")  # the row the others were measured against
+    base = levers.get(baseline, {})
     lines = [
         "## Levers",
         "",
         "Each row changes one thing against petformers' bench settings and trains a few steps with the same "
         "model shapes (random weights), LoRA and rows, in a process of its own (`scripts/bench_levers.py`); "
-        "the first step is a warm-up and is not timed. × is relative to the first row, from the same session. "
+        f"the first step is a warm-up and is not timed. × is relative to the {baseline} row, from the same session. "
         "\"kept\" rows take away something petformers does: what it buys is the inverse of their ×.",
         "",
         "| variant | what changes | trained tokens/s | × | peak RSS MiB | × | verdict |",
@@ -270,8 +270,12 @@ def render(levers: dict) -> list[str]:
         memory = rss / base["peak_rss_mib"] if base.get("peak_rss_mib") else None
         extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
         extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s" if name == "compile" else ""
-        say = "" if name == "petformers" or speed is None else verdict(name, speed, memory)
+        say = "" if name == baseline or speed is None else verdict(name, speed, memory)
+        if name == "petformers" and baseline != "petformers":
+            say = "today's default"
         lines.append(f"| {name} | {what}{extra} | {tps:.1f} | {_x(speed)} | {rss:.0f} | {_x(memory)} | {say} |")
+    if levers.get("note"):
+        lines += ["", levers["note"]]
     f = levers.get("fused_projections")
     if f:
         lines += [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import os
 import time
 from pathlib import Path
 
@@ -296,11 +297,12 @@ def run(cfg, dry: bool = False) -> dict:
 
 
 def return_freed_memory_to_os():
-    """Make glibc give freed tensors back to the OS. At the first free of a large block glibc raises
+    """PETFORMERS_LOW_RSS=1: make glibc give freed tensors back to the OS. At the first free of a large block glibc raises
     its mmap threshold, and from then on keeps freed activations in its heaps: a CPU training step's
     RSS grows to ~1.5x the tensors alive at its peak (docs/benchmarks.md). A fixed threshold (glibc's
-    default, 128 KiB) maps each large tensor on its own and unmaps it when freed. glibc only; a no-op
-    elsewhere."""
+    default, 128 KiB) maps each large tensor on its own and unmaps it when freed. The price: every
+    activation lands on fresh pages the kernel must zero, measured 1.5x slower steps on the bench (so
+    off by default). glibc only; a no-op elsewhere."""
     import ctypes
     import ctypes.util
 
@@ -316,8 +318,8 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
     from petformers.train.metrics_log import MetricsLog, plot_loss
 
     started = time.perf_counter()
-    if env.device.type == "cpu":
-        return_freed_memory_to_os()
+    if env.device.type == "cpu" and os.environ.get("PETFORMERS_LOW_RSS") == "1":
+        return_freed_memory_to_os()  # ~0.7x the peak RSS for ~1.5x the step time (docs/benchmarks.md)
     model, tokenizer = load_model_for_run(cfg, env)
     pet = pet_config_of(cfg)
     if pet is not None:
