@@ -490,6 +490,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-peak", nargs=2, metavar=("SIZE", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.compute_dtype_given = args.compute_dtype is not None
+    args.compute_dtype = args.compute_dtype or compute_dtype_for()  # what the config's `auto` resolves to here
     if args.measure_peak:
         print(json.dumps(_measure_peak(int(args.measure_peak[0]), float(args.measure_peak[1]))))
         return 0
@@ -506,7 +507,6 @@ def main(argv=None) -> int:
         # Re-measure some runs, keep the others from the last full bench (their date stays in "measured").
         report = json.loads(previous.read_text())
         print(f"bench: re-measuring {', '.join(only)}; the other runs are kept from {previous}", flush=True)
-        args.compute_dtype = args.compute_dtype or compute_dtype_for()
         slow_bf16 = report["matmul_peak_gflops"]["bf16"] < report["matmul_peak_gflops"]["fp32"]
         for name in only:
             report["runs"][name] = _measure_run(name, args, train, eval_path, out, slow_bf16)
@@ -523,7 +523,6 @@ def main(argv=None) -> int:
         if previous.exists() and not args.quick:
             report["levers"] = json.loads(previous.read_text()).get("levers")
         peak = report["matmul_peak_gflops"]
-        args.compute_dtype = args.compute_dtype or compute_dtype_for()
         slow_bf16 = peak["bf16"] < peak["fp32"]
         report["settings"]["petformers_compute_dtype"] = args.compute_dtype
         report["settings"]["slow_bf16_limit"] = args.slow_bf16_limit
@@ -535,8 +534,6 @@ def main(argv=None) -> int:
         print("bench: measuring the matmul peak again", flush=True)
         report["matmul_peak_gflops_after"] = matmul_peak(args.threads)
         report["noise_note"] = noise_note(report)
-    args.compute_dtype = (args.compute_dtype or report["settings"].get("petformers_compute_dtype")
-                          or compute_dtype_for())
     if args.levers or args.levers_only:
         from bench_levers import measure_levers
 
