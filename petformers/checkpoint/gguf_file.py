@@ -1,4 +1,9 @@
-"""GGUF files (llama.cpp): metadata, tokenizer and weights, dequantized with the `gguf` package."""
+"""GGUF files (llama.cpp): metadata and tokenizer (read with the `gguf` package) and weights.
+
+Block-quantized tensors (Q4_0 ... Q6_K) are dequantized by `petformers.quant.gguf_blocks` (the one owner
+of that rule, equal to the `gguf` package bit for bit), or handed over as their blocks (`Blocks`) for a
+base kept quantized; other types (F16, BF16, F32, IQ*) are dequantized by the `gguf` package.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
+from petformers.quant import gguf_blocks
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
@@ -68,22 +74,44 @@ def gguf_name(name: str) -> str | None:
     return None  # e.g. rope_freqs
 
 
-def iter_tensors(reader, n_heads: int, n_kv_heads: int, source: str) -> Iterator[tuple[str, torch.Tensor]]:
+class Blocks:
+    """A block-quantized tensor as stored: uint8 [rows, bytes per row] of ggml type `type_id`, `shape` [rows, cols]."""
+
+    def __init__(self, data: torch.Tensor, type_id: int, shape: tuple[int, ...]):
+        self.data, self.type_id, self.shape = data, int(type_id), tuple(shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return gguf_blocks.dequantize(self.data, self.type_id, self.shape, dtype)
+
+
+def iter_tensors(reader, n_heads: int, n_kv_heads: int, source: str,
+                 keep_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Blocks"]]:
+    """(petformers name, float32 tensor) pairs; with keep_blocks, 2-D block-quantized tensors come as
+    `Blocks` instead (q/k rows un-permuted like the float ones: rows are whole blocks)."""
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         name = gguf_name(t.name)
         if name is None:
             continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if gguf_blocks.is_block_type(t.tensor_type):
+            data = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(shape[0], -1)  # a writable copy
+            blocks = Blocks(_unpermute_named(name, data, n_heads, n_kv_heads), t.tensor_type, shape)
+            yield name, (blocks if keep_blocks and len(shape) == 2 else blocks.dequantize())
+            continue
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise CheckpointError(f"{source}: tensor {t.name} has quantization {t.tensor_type.name}, "
                                   "which the gguf package cannot dequantize") from None
-        shape = tuple(int(d) for d in reversed(t.shape))
         tensor = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)  # a writable copy
-        if name.endswith("attention.wq.weight"):
-            tensor = _unpermute(tensor, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = _unpermute(tensor, n_kv_heads)
-        yield name, tensor
+        yield name, _unpermute_named(name, tensor, n_heads, n_kv_heads)
+
+
+def _unpermute_named(name: str, tensor: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    if name.endswith("attention.wq.weight"):
+        return _unpermute(tensor, n_heads)
+    if name.endswith("attention.wk.weight"):
+        return _unpermute(tensor, n_kv_heads)
+    return tensor

@@ -19,6 +19,7 @@ from petformers.checkpoint.materialize import materialize
 from petformers.errors import CheckpointError
 from petformers.models.config import LlamaConfig
 from petformers.models.llama import Llama, build_model
+from petformers.quant.model import QuantConfig
 from petformers.tokenizer import Tokenizer
 
 
@@ -73,11 +74,17 @@ def load_tokenizer(path_or_name) -> Tokenizer:
 
 
 def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cpu",
-                    config: LlamaConfig | None = None, with_tokenizer: bool = True) -> tuple[Llama, Tokenizer | None]:
-    """Model (frozen, eval mode) and its tokenizer. `config` is required only for MindSpore .ckpt."""
+                    config: LlamaConfig | None = None, with_tokenizer: bool = True,
+                    quantization: QuantConfig | None = None) -> tuple[Llama, Tokenizer | None]:
+    """Model (frozen, eval mode) and its tokenizer. `config` is required only for MindSpore .ckpt.
+    `quantization`: the linear layers are quantized as they load (petformers.quant.model says which);
+    its type `gguf` keeps a GGUF file's blocks and needs a GGUF file."""
     path = download.resolve(path_or_name)
     fmt = detect_format(path)
     tokenizer = None
+    if quantization is not None and quantization.type == "gguf" and fmt != "gguf":
+        raise CheckpointError(f"{path}: quantization_type gguf keeps a GGUF file's blocks, and this is a {fmt} "
+                              "checkpoint; use quantization_type nf4 (or fp4, int8) to quantize it at load")
     if fmt == "hf":
         config = hf.read_config(path)
         tensors = hf.iter_tensors(path)
@@ -94,7 +101,8 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
         reader = gguf_file.open_reader(path)
         metadata = gguf_file.read_metadata(reader)
         config = gguf_file.read_config(reader, metadata, str(path))
-        tensors = gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, str(path))
+        tensors = gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, str(path),
+                                         keep_blocks=quantization is not None and quantization.type == "gguf")
         if with_tokenizer:
             tokenizer = Tokenizer.from_gguf_metadata(metadata, source=str(path))
     else:
@@ -106,6 +114,6 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
         tensors = mindspore_load.iter_base_tensors(path, config)
     config.compute_dtype = str(dtype).replace("torch.", "")
     model = build_model(config, device="meta", dtype=dtype)
-    materialize(model, tensors, dtype=dtype, device=device, source=str(path))
+    materialize(model, tensors, dtype=dtype, device=device, source=str(path), quantization=quantization)
     model.name_or_path = str(path_or_name)
     return model, tokenizer

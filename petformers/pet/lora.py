@@ -13,6 +13,10 @@ where the row norm is computed without gradient (DoRA paper §4.3, as PEFT does)
 Adapters are float32 even when W is bf16/fp16: B starts at zero and its updates (lr × grad, ~1e-5
 relative) are below bf16's resolution (2^-8), so a bf16 adapter would round most steps away; and
 s·BAx is small next to Wx, so it is added in float32 and the sum cast back to W's dtype (PEFT's order).
+
+W may be a `QuantizedWeight` (QLoRA): the base product then goes through `quant_linear` (dequantized on
+the fly, recomputed in backward), DoRA's norms and merging use the dequantized W, and merge() replaces W
+by the float merged matrix while keeping the quantized one aside, so unmerge() restores it exactly.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from petformers.errors import AdapterError
+from petformers.quant.linear import quant_linear
+from petformers.quant.weight import QuantizedWeight
 
 ADAPTER_DTYPE = torch.float32
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, alpha: float, *,
+    def __init__(self, weight: nn.Parameter | QuantizedWeight, bias: nn.Parameter | None, rank: int, alpha: float, *,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False):
         """Takes over `weight` [out, in] and `bias` (frozen, their dtype and device); the adapter is
         created on the same device, in float32, with nn.Linear's default init (see reset_lora_parameters)."""
@@ -38,7 +44,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         self.use_dora = use_dora
-        self.weight = weight.requires_grad_(False)
+        self.weight = weight if isinstance(weight, QuantizedWeight) else weight.requires_grad_(False)
         self.bias = bias.requires_grad_(False) if bias is not None else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = weight.device
@@ -50,11 +56,12 @@ class LoRALinear(nn.Module):
         # Row norms at merge time: DoRA's unmerge cannot recover them from the merged weight.
         self.register_buffer("merge_norm", None, persistent=False)
         self.merged = False  # the update is folded into `weight`; forward is the plain linear layer
+        self._quantized_base: QuantizedWeight | None = None  # a quantized W while merged (see merge)
         self.disabled = False  # forward is the base layer only (e.g. to compare with the base model)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, **kwargs) -> "LoRALinear":
-        """Wrap an nn.Linear, taking over its weight and bias parameters (no copy)."""
+        """Wrap an nn.Linear (or a QuantLinear), taking over its weight and bias (no copy)."""
         return cls(linear.weight, linear.bias, rank, alpha, **kwargs)
 
     # ---- initialisation --------------------------------------------------------------------
@@ -83,6 +90,9 @@ class LoRALinear(nn.Module):
         """PiSSA: B A = the top-r singular part of W / s, and W becomes the residual, so the output is unchanged."""
         if self.weight.device.type == "meta":
             return
+        if self.is_quantized:
+            raise AdapterError("init_lora_weights: pissa rewrites the base weight, which is quantized here; "
+                               "use the default init over a quantized base, or pissa over a float one")
         w = self.weight.float()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         sr = s[: self.rank] / self.scaling
@@ -93,7 +103,22 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def init_magnitude(self):
         """DoRA's m starts as the row norms of W + s B A, so the adapted layer starts equal to the base one."""
-        self.magnitude.copy_(self._weight_norm(self.weight.to(ADAPTER_DTYPE), self.delta_weight()))
+        self.magnitude.copy_(self._weight_norm(self.dense_weight(ADAPTER_DTYPE), self.delta_weight()))
+
+    # ---- the base ---------------------------------------------------------------------------
+
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.weight, QuantizedWeight)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as a float matrix in `dtype` (dequantized when the base is quantized)."""
+        return self.weight.dequantize(dtype) if self.is_quantized else self.weight.to(dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_quantized:
+            return quant_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     # ---- the update ------------------------------------------------------------------------
 
@@ -111,7 +136,7 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self.base_forward(x)
         if self.merged:
             if self.disabled:
                 raise AdapterError("a merged LoRA layer cannot be disabled; unmerge it first")
@@ -135,7 +160,7 @@ class LoRALinear(nn.Module):
         """What DoRA adds to the base output, exactly PEFT's DoraLinearLayer.forward:
         (m/n - 1) · W x + m/n · s · B A x, with n = ||W + s·BA||_row detached from the graph."""
         lora_weight = self.lora_weight().to(x.dtype)
-        weight = self.weight.to(x.dtype)
+        weight = self.dense_weight(x.dtype)
         weight_norm = self._weight_norm(weight, self.scaling * lora_weight.detach()).detach()
         mag_norm_scale = (self.magnitude / weight_norm).view(1, -1)
         if isinstance(self.dropout, nn.Identity) or not self.training:
@@ -150,23 +175,35 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + s B A (DoRA: m / ||W + s B A|| · (W + s B A)), computed in float32, stored in W's dtype."""
+        """W <- W + s B A (DoRA: m / ||W + s B A|| · (W + s B A)), computed in float32, stored in W's dtype.
+        A quantized W is dequantized, merged into a float parameter in its compute dtype, and kept aside."""
         if self.merged:
             return
-        w = self.weight.to(ADAPTER_DTYPE)
+        w = self.dense_weight(ADAPTER_DTYPE)
         delta = self.delta_weight()
         if self.use_dora:
             self.merge_norm = self._weight_norm(w, delta)
             new = (self.magnitude / self.merge_norm).view(-1, 1) * (w + delta)
         else:
             new = w + delta
-        self.weight.copy_(new.to(self.weight.dtype))
+        if self.is_quantized:
+            self._quantized_base = self.weight
+            self.weight = nn.Parameter(new.to(self._quantized_base.compute_dtype), requires_grad=False)
+        else:
+            self.weight.copy_(new.to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         """Undo merge(); W comes back to within float32 rounding (exact up to W's dtype)."""
         if not self.merged:
+            return
+        if self._quantized_base is not None:  # the quantized blocks were never changed: exact
+            quantized, self._quantized_base = self._quantized_base, None
+            del self.weight  # the merged float parameter
+            self.weight = quantized
+            self.merge_norm = None
+            self.merged = False
             return
         w = self.weight.to(ADAPTER_DTYPE)
         delta = self.delta_weight()

@@ -2,7 +2,7 @@
 
 - a string is a regex `re.fullmatch`ed against the full dotted module name;
 - a list matches a name exactly or as a `.name` suffix;
-- "all-linear" is every nn.Linear but lm_head (the output layer).
+- "all-linear" is every linear layer (nn.Linear or QuantLinear) but lm_head (the output layer).
 Every module is tried under its petformers name (`layers.0.attention.wq`) and its Hugging Face name
 (`model.layers.0.self_attn.q_proj`), so patterns written for either (the seed's '.*wq|.*wk|.*wv|.*wo',
 a PEFT user's ["q_proj", "v_proj"]) select the same layers.
@@ -16,6 +16,9 @@ import torch.nn as nn
 
 from petformers.checkpoint import names
 from petformers.errors import AdapterError, ConfigError
+from petformers.quant.linear import QuantLinear
+
+LINEAR_TYPES = (nn.Linear, QuantLinear)  # a linear layer over a float or a quantized base
 
 
 def matches(pattern: str | list[str], name: str) -> bool:
@@ -48,20 +51,20 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None, modules
             re.compile(target_modules)
         except re.error as e:
             raise ConfigError(f"pet_config.target_modules: invalid regex {target_modules!r}: {e}") from None
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
     targets = []
     for name, module in model.named_modules():
         if not name:
             continue
         if target_modules == "all-linear":
-            selected = isinstance(module, nn.Linear) and name.split(".")[-1] != "lm_head"
+            selected = isinstance(module, LINEAR_TYPES) and name.split(".")[-1] != "lm_head"
         else:
             selected = matches(target_modules, name)
         if not selected or (exclude_modules and matches(exclude_modules, name)):
             continue
         if modules_to_save and _inside(modules_to_save, name):
             continue  # trained in full instead (PEFT never adapts a module it saves, nor one inside it)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, LINEAR_TYPES):
             raise AdapterError(f"target_modules {target_modules!r} matches {name!r}, a {type(module).__name__}; "
                                "LoRA applies to linear layers only: "
                                f"{shorten(linear)}")

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
+from petformers.quant.linear import QuantLinear
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -26,7 +27,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then replace each LoRALinear by a plain frozen nn.Linear and each modules_to_save copy by
-    the trained module in the base dtype: the model has the base architecture again (to export)."""
+    the trained module in the base dtype: the model has the base architecture again (to export).
+    Over a quantized base: merging dequantizes (see LoRALinear.merge), and every other quantized layer
+    becomes an nn.Linear with its dequantized weight, so the result is an ordinary float model."""
     replacements = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -37,6 +40,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             replacements.append((name, linear.requires_grad_(False).train(module.training)))
         elif isinstance(module, ModuleToSave):
             replacements.append((name, module.unwrap()))
+        elif isinstance(module, QuantLinear):
+            replacements.append((name, module.to_linear()))
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -24,7 +24,7 @@ from petformers.errors import AdapterError
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import adapter_parameters, apply_lora, load_lora_state_dict, lora_state_dict
 from petformers.pet.lora import LoRALinear
-from petformers.pet.matching import pattern_value
+from petformers.pet.matching import LINEAR_TYPES, pattern_value
 from petformers.pet.module_to_save import ModuleToSave
 
 CONFIG_FILE = "adapter_config.json"
@@ -64,7 +64,7 @@ def _resolved_modules(model: nn.Module, c: PetConfig) -> dict:
     """target_modules, rank/alpha patterns and modules_to_save, in Hugging Face names, from what was adapted."""
     adapted = {names.to_hf(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     linear = list(adapted) + [names.to_hf(n) for n, m in model.named_modules()
-                              if isinstance(m, nn.Linear) and not _inside_adapter(model, n)]
+                              if isinstance(m, LINEAR_TYPES) and not _inside_adapter(model, n)]
 
     def compact(chosen: dict[str, object], universe: list[str]) -> dict[str, object]:
         # A short name stands for every module of `universe` with that name when they share one value.
