@@ -14,7 +14,7 @@ import sys
 from petformers.errors import PetformersError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["download", "predict", "chat", "run", "data", "export", "convert", "ckpt", "report"]
+SUBCOMMANDS = ["download", "predict", "chat", "run", "data", "export", "convert", "ckpt", "report", "board"]
 
 
 def build_parser() -> argparse.ArgumentParser:

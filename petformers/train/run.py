@@ -20,6 +20,7 @@ import torch
 from petformers.distributed.env import DistEnv, init_distributed, shutdown
 from petformers.errors import ConfigError, TrainingError
 from petformers.models.config import LlamaConfig, parse_dtype
+from petformers.monitor.state import RunState
 
 log = logging.getLogger("petformers")
 
@@ -281,19 +282,25 @@ def run(cfg, dry: bool = False) -> dict:
             (out / "resolved_config.yaml").write_text(resolved_yaml(cfg), encoding="utf-8")
             if cfg.ignored_keys:
                 log.info("petformers: ignored (Ascend/MindSpore-only) keys: %s", ", ".join(cfg.ignored_keys))
-        if cfg.run_mode in ("finetune", "train"):
-            return _finetune(cfg, env, out)
-        if cfg.run_mode == "eval":
-            from petformers.train.evaluate import run_eval
-
-            return run_eval(cfg, env, out)
-        if cfg.run_mode == "predict":
-            from petformers.train.evaluate import run_predict
-
-            return run_predict(cfg, env, out)
-        raise ConfigError(f"run_mode: unknown {cfg.run_mode!r}; use finetune, train, eval or predict")
+        with RunState(out, cfg.run_mode, enabled=env.is_main) as state:  # run_state.json, read by the board
+            state.ended(summary := _run_mode(cfg, env, out))
+        return summary
     finally:
         shutdown(env)
+
+
+def _run_mode(cfg, env: DistEnv, out: Path) -> dict:
+    if cfg.run_mode in ("finetune", "train"):
+        return _finetune(cfg, env, out)
+    if cfg.run_mode == "eval":
+        from petformers.train.evaluate import run_eval
+
+        return run_eval(cfg, env, out)
+    if cfg.run_mode == "predict":
+        from petformers.train.evaluate import run_predict
+
+        return run_predict(cfg, env, out)
+    raise ConfigError(f"run_mode: unknown {cfg.run_mode!r}; use finetune, train, eval or predict")
 
 
 def return_freed_memory_to_os():

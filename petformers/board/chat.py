@@ -1,0 +1,84 @@
+"""The board's chat panel: generations from a run's adapter, streamed piece by piece.
+
+It goes through what `petformers chat` uses (`cli.common.load_model`: base + PEFT adapter merged;
+`generate` with `StreamPrinter`; the tokenizer's chat template), so an answer here is the answer there.
+One model is kept loaded (the last run chatted with); one generation runs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import threading
+from pathlib import Path
+
+from petformers.board.runs import OutsideRoot, read_config
+
+MAX_NEW_TOKENS = 512
+
+
+def adapter_of(run: Path) -> Path | None:
+    """The run's final adapter, else the newest checkpoint's (a run still training can be chatted with)."""
+    if (run / "adapter" / "adapter_config.json").is_file():
+        return run / "adapter"
+    steps = sorted((run / "checkpoint").glob("step_*/adapter/adapter_config.json")) if (run / "checkpoint").is_dir() \
+        else []
+    return steps[-1].parent if steps else None
+
+
+class ChatModels:
+    """Loads (once) and runs the model of one run at a time."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = None
+        self._loaded = None
+
+    def _load(self, run: Path):
+        from petformers.cli.common import load_model
+
+        _, config, note = read_config(run)
+        base = config.get("load_checkpoint")
+        if not base:
+            raise OutsideRoot(note or f"{run.name}: resolved_config.yaml names no load_checkpoint to chat with")
+        adapter = adapter_of(run)
+        key = (str(run), str(adapter))
+        if self._key != key:
+            self._loaded = None  # free the previous model first
+            args = argparse.Namespace(load_checkpoint=str(base), adapter=str(adapter) if adapter else None,
+                                      device=None, dtype=None)
+            self._loaded = load_model(args)
+            self._key = key
+        return self._loaded, base, adapter
+
+    def stream(self, run: Path, messages: list[dict], max_new_tokens: int = 128, system: str | None = None):
+        """Yield ("info", text) once, then ("token", text) pieces, then ("done", full answer); ("error", line)
+        instead when something fails. Runs the generation in a thread so that pieces arrive as they come."""
+        import torch
+
+        from petformers.generate import GenerationConfig, StreamPrinter, generate
+
+        pieces: queue.Queue = queue.Queue()
+        end = object()
+
+        def work():
+            try:
+                with self._lock:
+                    (model, tokenizer), base, adapter = self._load(run)
+                    pieces.put(("info", f"base {base}, adapter {adapter or 'none (base model only)'}"))
+                    convo = ([{"role": "system", "content": system}] if system else []) + messages
+                    ids = tokenizer.encode(tokenizer.apply_chat_template(convo, add_generation_prompt=True))
+                    printer = StreamPrinter(tokenizer, lambda text: pieces.put(("token", text)))
+                    cfg = GenerationConfig(max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)))
+                    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+                    generate(model, [ids], cfg, tokenizer.eos_ids, tokenizer.pad_id, generator, printer)
+                    printer.finish()
+                    pieces.put(("done", tokenizer.decode(printer.tokens)))
+            except Exception as e:  # shown in the panel: the board itself keeps running
+                pieces.put(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            finally:
+                pieces.put(end)
+
+        threading.Thread(target=work, daemon=True, name="board-chat").start()
+        while (item := pieces.get()) is not end:
+            yield item
