@@ -2,20 +2,29 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
+APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean browser
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PIP) install -q -e '.[dev]'
+	@$(PIP) install -q -e '.[dev,board,tensorboard]'
 	@touch $(STAMP)
+
+# Headless Chromium and its WebDriver for the browser tests of `petformers board` and report.html
+# (Debian packages; installed only when missing, needs root on a Debian/Ubuntu machine).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ -n "$(APT)" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "make browser: chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver) for the browser tests"; fi
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 demo: $(STAMP)

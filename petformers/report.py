@@ -58,12 +58,15 @@ NOT_AVAILABLE = "not available"
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+table { border-collapse: collapse; margin: 0.5em 0; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
 th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.text { white-space: pre-wrap; max-width: 24em; }
-pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.9em; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.text { white-space: pre-wrap; }
+table.samples { table-layout: fixed; width: 100%; }
+table.samples th:first-child { width: 28%; }
+pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.9em; }
+code { overflow-wrap: anywhere; } td:first-child > code { overflow-wrap: normal; }
 .na { color: #888; font-style: italic; }
 .good { color: #080; } .bad { color: #b00; }
 img { max-width: 100%; }
@@ -225,7 +228,7 @@ def _samples_section(before: list[dict], after: list[dict]) -> str:
             cells.append(f'<td class="text">{mark}{_esc(s["prediction"])}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     shown = f"<p>Showing {min(len(base), MAX_SAMPLES)} of {len(base)} samples; &#10003; marks an exact match.</p>"
-    return (f"{shown}<table><tr><th>prompt</th><th>reference</th><th>before (base model)</th>"
+    return (f'{shown}<table class="samples"><tr><th>prompt</th><th>reference</th><th>before (base model)</th>'
             f"<th>after (fine-tuned)</th></tr>{''.join(rows)}</table>")
 
 
