@@ -290,7 +290,7 @@ function chartData(spec) {
       tables.push([xs, ys]);
       const stroke = runs.length > 1 || i === 0 ? colorOf(name) : COLORS[(i + 1) % COLORS.length];
       defs.push({label: runs.length > 1 ? `${name} ${label}` : label, stroke, width: i === 0 ? 1.5 : 2,
-                 dash: i === 0 ? undefined : [6, 4], points: {show: i > 0 || xs.length < 40}, spanGaps: true,
+                 dash: i === 0 ? undefined : [6, 4], points: i > 0 ? {show: true} : {}, spanGaps: true,
                  value: (u, v) => fmt(v)});
     });
   }
