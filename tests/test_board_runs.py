@@ -251,3 +251,31 @@ def test_server_shows_a_broken_run_with_notes(board_url):
     metrics = events["metrics"]
     assert [r["step"] for r in metrics["records"]] == [1, 2]
     assert metrics["errors"] == ["metrics.jsonl:2: not valid JSON (Expecting value); line skipped"]
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def test_board_cli_refuses_a_missing_root(tmp_path, capsys):
+    from petformers.cli.main import main
+
+    assert main(["board", "--output_root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"petformers: error: --output_root {tmp_path / 'nope'}: no such directory"]
+
+
+def test_board_cli_warns_when_exposed(tmp_path):
+    pytest.importorskip("uvicorn", reason="the board extra (starlette, uvicorn) is not installed")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "petformers", "board", "--output_root", str(tmp_path), "--port",
+                             str(port), "--host"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert lines[0].startswith("petformers: WARNING: the board listens on 0.0.0.0"), lines
+    assert "there is no login" in lines[0]
+    assert lines[1].startswith(f"petformers board: http://0.0.0.0:{port}/"), lines
