@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# PETFORMERS_SHARED: the shared data when the checkout is not next to it (e.g. a git worktree).
+SHARED = Path(os.environ.get("PETFORMERS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 ALPACA_DEMO = SHARED / "data" / "alpaca_en_demo.json"
 MINDSPORE_FIXTURES = SHARED / "fixtures" / "mindspore"
 

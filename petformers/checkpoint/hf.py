@@ -10,6 +10,7 @@ import torch
 
 from petformers.checkpoint import names
 from petformers.jsonio import read_json
+from petformers.safepath import inside
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 
@@ -28,8 +29,13 @@ def read_config(path: Path) -> LlamaConfig:
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
+        data = read_json(index, CheckpointError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map: missing or empty (expected an object of tensor name -> "
+                                  "shard file name)")
+        files = sorted({inside(path, f, index, f"weight_map[{k!r}]", CheckpointError)
+                        for k, f in weight_map.items()})
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")

@@ -99,13 +99,45 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, kee
         os.fsync(fh.fileno())
     for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
         _fsync_dir(directory)
-    if final.exists():  # the same step saved twice (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    _put_in_place(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_max] if keep_max > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _put_in_place(tmp: Path, final: Path):
+    """Rename the finished `tmp` to `final`. When `final` exists (the same step saved twice, e.g. SIGTERM
+    right after a periodic save) the two directories are exchanged in one renameat2(RENAME_EXCHANGE)
+    call and the old one is deleted afterwards: at no moment is there no complete `final`."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old checkpoint
+        return
+    # No renameat2 (not Linux): the old one is moved aside first; a kill between the two renames
+    # leaves the earlier checkpoints, never a partial one.
+    aside = final.with_name(f".old_{final.name}_{os.getpid()}")
+    os.rename(final, aside)
+    os.rename(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -268,9 +268,13 @@ def _report_arch_overrides(cfg, config: LlamaConfig, env: DistEnv):
 def run(cfg, dry: bool = False) -> dict:
     if dry:
         return dry_run(cfg)
+    if cfg.use_parallel and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"use_parallel: True, but this process was not started by torchrun (no WORLD_SIZE in the "
+                          f"environment): launch `torchrun --nproc-per-node {max(cfg.data_parallel, 1)} -m petformers "
+                          "run ...` (or scripts/msrun_launcher.sh), or set use_parallel: False for one process")
     env = init_distributed(cfg.use_parallel)
     try:
-        if cfg.use_parallel and env.enabled and cfg.data_parallel not in (0, 1, env.world_size):
+        if cfg.use_parallel and cfg.data_parallel not in (0, 1, env.world_size):
             raise ConfigError(f"parallel_config.data_parallel: {cfg.data_parallel} does not match the world size "
                               f"{env.world_size} (torchrun --nproc-per-node x nodes)")
         seed_everything(cfg.seed)
