@@ -34,6 +34,8 @@ def parse_args(argv):
     p.add_argument("--train", type=int, default=128, help="training records to generate")
     p.add_argument("--eval", type=int, default=40, help="held-out records to generate")
     p.add_argument("--data_dir", default="demo/data")
+    p.add_argument("--no_targets", action="store_true",
+                   help="another model (e.g. a tiny test model): report the targets but exit 0 when the pipeline ran")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every petformers run")
     return p.parse_args(argv)
 
@@ -105,10 +107,15 @@ def main(argv=None) -> int:
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         print(f"  {name:<14}{shown}{'' if path.exists() else '  (missing!)'}")
     elapsed = time.time() - started
-    ok = b.get("exact_match", 1) < TARGET_BEFORE and a.get("exact_match", 0) > TARGET_AFTER
+    ok = targets_met(b, a)
     print(f"\nTotal time: {elapsed / 60:.1f} min. Targets (exact match before < {TARGET_BEFORE:.0%}, "
-          f"after > {TARGET_AFTER:.0%}): {'met' if ok else 'NOT met'}")
-    return 0 if ok else 1
+          f"after > {TARGET_AFTER:.0%}): {'met' if ok else 'NOT met'}{' (not required: --no_targets)' if opts.no_targets else ''}")
+    return 0 if ok or opts.no_targets else 1
+
+
+def targets_met(before: dict, after: dict) -> bool:
+    """The demo's claim: the base model fails the task, the fine-tuned one does it."""
+    return before.get("exact_match", 1) < TARGET_BEFORE and after.get("exact_match", 0) > TARGET_AFTER
 
 
 if __name__ == "__main__":

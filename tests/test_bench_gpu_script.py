@@ -23,7 +23,7 @@ def test_gpu_bench_script_runs_both_runners_on_a_scaled_down_7b_shape(tmp_path):
         r = result[runner]
         assert r["runner"] == runner and r["seq_length"] == 32 and r["shape"]["num_layers"] == 1
         assert r["shape"]["vocab_size"] == 32000 and r["shape"]["hidden_size"] == 128
-        assert r["trained_tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 and math.isfinite(r["final_loss"])
+        assert r["trained_tokens_per_s"] > 0 and 0 < r["mfu"] <= 1.0 and math.isfinite(r["final_loss"])
         # Random tokens over 32,000 ids: the loss of an untrained model is near ln(32000) = 10.37.
         assert abs(r["final_loss"] - math.log(32000)) < 1.0
         # LoRA r16 on q, k, v, o of one 128-wide layer: 4 x 16 x (128 + 128).

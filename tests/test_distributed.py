@@ -149,9 +149,14 @@ def test_fsdp_matches_one_process_and_writes_sharded_checkpoints(reference, fsdp
                         load_file(str(step2 / "adapter" / "adapter_model.safetensors")))
 
 
+def resumed_from(out: Path) -> int:
+    return json.loads((out / "run_summary.json").read_text())["resumed_from"]
+
+
 def test_two_rank_sharded_checkpoint_resumes_on_one_rank(config, reference, fsdp_run, tmp_path):
     out = interrupted_copy(fsdp_run, tmp_path / "out")
     single(config, out, "--resume_training", "True")
+    assert resumed_from(out) == 2
     assert_same_adapter(adapter(reference), adapter(out))
 
 
@@ -159,13 +164,14 @@ def test_two_rank_sharded_checkpoint_resumes_on_two_ranks(config, reference, fsd
     out = interrupted_copy(fsdp_run, tmp_path / "out")
     done = torchrun(config, out, "parallel_strategy=fsdp", "--resume_training", "True", "--auto_trans_ckpt", "True")
     assert "resumed from" in done.stderr and "step 2 of 4, saved by 2 rank(s)" in done.stderr
+    assert resumed_from(out) == 2
     assert_same_adapter(adapter(reference), adapter(out))
 
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(config, reference, tmp_path):
     out = interrupted_copy(reference, tmp_path / "out")
     done = torchrun(config, out, "parallel_strategy=fsdp", "--resume_training", "True")
-    assert "saved by 1 rank(s)" in done.stderr
+    assert "(step 2 of 4, saved by 1 rank(s))" in done.stderr and resumed_from(out) == 2
     assert_same_adapter(adapter(reference), adapter(out))
 
 

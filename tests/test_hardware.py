@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -42,23 +40,11 @@ def test_auto_in_a_run_config_resolves_to_a_concrete_dtype(tmp_path):
     assert cfg.compute_dtype == hardware.auto_compute_dtype()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's choice")
-def test_auto_agrees_with_what_is_faster_on_this_cpu():
-    """Where auto says float32, bf16 matmul really is slower here (and the other way round)."""
-    torch.manual_seed(0)
-    a32, b32 = torch.randn(256, 256), torch.randn(256, 256)
-
-    def best(a, b):
-        torch.mm(a, b)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    fp32, bf16 = best(a32, b32), best(a32.bfloat16(), b32.bfloat16())
-    if hardware.auto_compute_dtype("cpu") == "float32":
-        assert bf16 > fp32
-    else:
-        assert bf16 < 2 * fp32
+@pytest.mark.skipif(not hasattr(torch.cpu, "_is_avx512_bf16_supported"),
+                    reason="this torch does not expose its CPU feature detection")
+def test_auto_agrees_with_torchs_own_cpu_detection():
+    """/proc/cpuinfo (what auto reads) and torch's CPUID-based detection name the same bf16 instructions.
+    (Which dtype is faster is measured in `make bench`, never timed in a test on a shared CPU.)"""
+    torch_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if hardware.cpu_flags():
+        assert hardware.auto_compute_dtype("cpu") == ("bfloat16" if torch_bf16 else "float32")

@@ -136,6 +136,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, tiny_model
     (killed / "checkpoint" / "step_00000098").mkdir()
     assert checkpointing.list_checkpoints(killed / "checkpoint") == done
     assert main(["run", "--config", str(cfg), "--resume_training", "True"]) == 0
+    newest = int(done[-1].name.split("_")[1])
+    assert newest > 0 and json.loads((killed / "run_summary.json").read_text())["resumed_from"] == newest
+    # metrics.jsonl is appended to: a restart from step 0 would have logged step 1 a second time.
+    assert [m["step"] for m in metrics(killed) if "loss" in m].count(1) == 1
     a, b = adapter_tensors(full), adapter_tensors(killed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
