@@ -41,7 +41,7 @@ def init_distributed(use_parallel: bool) -> DistEnv:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("PETFORMERS_DIST_TIMEOUT", "600")))
+        timeout = timedelta(seconds=dist_timeout_s())
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     env = DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
@@ -56,6 +56,21 @@ def fail_if_asked(step: int, env: DistEnv):
     at = os.environ.get("PETFORMERS_FAIL_AT_STEP")
     if at and step + 1 == int(at) and env.rank == int(os.environ.get("PETFORMERS_FAIL_RANK", "1")):
         raise RuntimeError(f"PETFORMERS_FAIL_AT_STEP: rank {env.rank} fails at step {step + 1} as asked")
+
+
+def dist_timeout_s() -> float:
+    return float(os.environ.get("PETFORMERS_DIST_TIMEOUT", "600"))
+
+
+def timeout_error(error: RuntimeError, env: DistEnv, checkpoints: list) -> Exception:
+    """A collective that timed out (a peer hung or vanished) as one clear line; other errors unchanged."""
+    if not env.enabled or "timed out" not in str(error).lower():
+        return error
+    from petformers.errors import TrainingError
+
+    return TrainingError(f"rank {env.rank}: no answer from the other ranks within PETFORMERS_DIST_TIMEOUT="
+                         f"{dist_timeout_s():g} s (a rank hung or died); last good checkpoint: "
+                         f"{checkpoints[-1] if checkpoints else 'none'}")
 
 
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked
+from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked, timeout_error
 from petformers.distributed.parallel import clip_grad_norm
 from petformers.errors import ConfigError, TrainingError
 from petformers.models.config import parse_dtype
@@ -306,6 +306,8 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                 bar.close()
                 return {"stopped": True, "step": done, "total_steps": total, "signal": stop.signal_name}
         step = total
+    except RuntimeError as e:
+        raise timeout_error(e, env, checkpointing.list_checkpoints(ckpt_root)) from None
     finally:
         stop.restore()
         bar.close()
@@ -328,11 +330,16 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
 
 
 def _stop_requested(stop: StopFlag, env: DistEnv) -> bool:
-    """Every rank agrees to stop if any rank received the signal (so they checkpoint together)."""
+    """Every rank agrees to stop if any rank received the signal (so they checkpoint together), and
+    learns which signal it was (rank 0 names it in the checkpoint)."""
     if not env.enabled:
         return stop.requested
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=env.device)
-    return bool(all_reduce_sum(flag, env).item() > 0)
+    signum = signal.Signals[stop.signal_name].value if stop.requested and stop.signal_name else 0
+    flag = torch.tensor([1.0 if stop.requested else 0.0, float(signum)], device=env.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag[0].item() > 0 and not stop.signal_name and flag[1].item() > 0:
+        stop.signal_name = signal.Signals(int(flag[1].item())).name
+    return bool(flag[0].item() > 0)
 
 
 class _no_sync:
