@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # QLoRA's NormalFloat4 (Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised to [-1, 1],
 # with an exact zero; 7 negative and 8 positive values. These are the float32 values bitsandbytes uses.
@@ -147,9 +148,28 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     return q.long()
 
 
+_PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the two code values of each byte (high nibble first)."""
+    key = (quant_type, device)
+    if key not in _PAIR_TABLES:
+        code, b = code_4bit(quant_type, device), torch.arange(256, device=device)
+        _PAIR_TABLES[key] = torch.stack([code[b >> 4], code[b & 0x0F]], dim=1)
+    return _PAIR_TABLES[key]
+
+
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code[q] * absmax of the block, float32, cast to dtype. One gather per byte (both nibbles at
+    once, int32 indices) and one in-place scale: ~3 float32 copies' worth of traffic per call."""
     n = 1
     for d in q.shape:
         n *= d
-    values = code_4bit(q.quant_type, q.packed.device)[unpack_4bit(q.packed, n)]
-    return _expand_absmax(values, q.absmax_float(), q.blocksize).view(q.shape).to(dtype)
+    values = F.embedding(q.packed.int(), _pair_table(q.quant_type, q.packed.device)).view(-1)[:n]
+    absmax = q.absmax_float()
+    if n % q.blocksize == 0:
+        values = values.view(-1, q.blocksize).mul_(absmax.view(-1, 1))
+    else:
+        values = _expand_absmax(values, absmax, q.blocksize)
+    return values.view(q.shape).to(dtype)
