@@ -119,3 +119,62 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(module, QuantLinear):
             replace_module(model, name, module.to_linear(dtype))
     return model
+
+
+def random_quantized_weight(shape: tuple[int, int], config: QuantConfig, generator: torch.Generator,
+                            std: float = 0.02, compute_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """A weight created directly in quantized form (no float matrix): uniformly random 4-bit codes,
+    which for NF4 are samples of a normal distribution (its codes are equal-mass quantiles), with
+    block absmax values around those of N(0, std) blocks of 64 (~2.4 std); int8: uniform codes.
+    For memory and speed measurements of models too large to create in float (a 7B base here)."""
+    from petformers.quant import blockwise
+
+    out, cols = shape
+    n = out * cols
+    if config.type in ("nf4", "fp4"):
+        packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=generator)
+        blocks = -(-n // blockwise.BLOCK_4BIT)
+        absmax = (std * (2.4 + 0.35 * torch.randn(blocks, generator=generator))).clamp_(min=std)
+        q = blockwise.Quantized4bit(packed, absmax, (out, cols), config.type)
+        if config.double_quant:
+            q.absmax_offset = absmax.mean()
+            q.absmax, q.absmax_scale = blockwise.quantize_8bit(absmax - q.absmax_offset)
+        return FourBitWeight(q, compute_dtype)
+    if config.type == "int8":
+        q = torch.randint(-127, 128, (out, cols), dtype=torch.int8, generator=generator)
+        return Int8Weight(q, torch.full((out,), std * 4.0), compute_dtype)
+    raise ValueError(f"{config.type}: random weights are made for nf4, fp4 and int8")
+
+
+def estimate_quantized_bytes(numel: int, rows: int, config: QuantConfig) -> int:
+    """Bytes of one [rows, numel/rows] weight in the configured format (nf4/fp4/int8), as stored above."""
+    if config.type in ("nf4", "fp4"):
+        blocks = -(-numel // 64)
+        scales = blocks + 4 * -(-blocks // 256) + 4 if config.double_quant else 4 * blocks
+        return (numel + 1) // 2 + scales
+    if config.type == "int8":
+        return numel + 4 * rows
+    raise ValueError(f"{config.type}: the size comes from the GGUF file")
+
+
+def base_weight_bytes(model: nn.Module, config: QuantConfig | None, dtype: torch.dtype,
+                      gguf_bytes: dict[str, int] | None = None) -> int:
+    """Bytes of a model's frozen base (works on the meta device): quantized layers at their quantized
+    size (for gguf: the file's own bytes per tensor, `gguf_bytes` by petformers name), the rest in dtype."""
+    element = torch.empty((), dtype=dtype).element_size()
+    targets = {f"{n}.weight" for n in quantized_targets(model)} if config is not None else set()
+    total, seen = 0, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or p.requires_grad:
+            continue
+        seen.add(id(p))
+        if name in targets and config.type == "gguf" and gguf_bytes and name in gguf_bytes:
+            total += gguf_bytes[name]
+        elif name in targets and config.type != "gguf":
+            total += estimate_quantized_bytes(p.numel(), p.shape[0], config)
+        else:
+            total += p.numel() * element
+    for m in model.modules():  # layers already quantized (a loaded model)
+        if isinstance(m, QuantizedWeight):
+            total += m.nbytes()
+    return total
