@@ -69,9 +69,10 @@ def build_quantized_model(args, quant: QuantConfig):
         meta = model.get_submodule(name)
         weight = random_quantized_weight((meta.out_features, meta.in_features), quant, gen)
         replace_module(model, name, QuantLinear(weight, None))
-    model.to_empty(device="cpu")  # only the float parts remain to allocate: embeddings, norms, lm_head
     with torch.no_grad():
-        for module in model.modules():
+        for module in model.modules():  # only the float parts remain to allocate: norms, embeddings, lm_head
+            if isinstance(module, (RMSNorm, torch.nn.Embedding)) or module is model.lm_head:
+                module.to_empty(device="cpu")  # (never the whole model: that would empty the quantized blocks)
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         model.tok_embeddings.weight.normal_(0, 0.02, generator=gen)

@@ -309,3 +309,27 @@ def test_smollm2_q4_1_kept_quantized_equals_dequantized(smollm2_gguf):
     assert {m.weight.format for m in kept.modules() if isinstance(m, QuantLinear)} >= {"Q4_1"}
     with torch.no_grad():
         torch.testing.assert_close(kept(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_script_runs_lora_steps_over_a_base_created_quantized():
+    """scripts/qlora_memory.py (the 7B measurement of docs/benchmarks.md) on a small shape: the same path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "qlora_memory.py"
+    spec = importlib.util.spec_from_file_location("qlora_memory", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--layers", "2", "--hidden", "128", "--ffn", "344", "--heads", "4", "--vocab", "256",
+                              "--seq-length", "64", "--steps", "2"])
+    model, config = script.build_quantized_model(args, QuantConfig.from_keys(4))
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert len([m for m in model.modules() if isinstance(m, QuantLinear)]) == 14
+    result = script.run(args)
+    assert result["adapter_changed"] and all(np.isfinite(result["losses"]))
+    assert result["trainable"] == 2 * 16 * (4 * 128 + 128 + 128 + 128 + 128)  # r16 on wq, wk, wv, wo
+    # 7 linear layers of 2 layers at ~0.53 byte per weight (NF4 + double-quantized scales)
+    n = 2 * (4 * 128 * 128 + 3 * 128 * 344)
+    assert n * 0.5 < result["quantized_bytes"] < n * 0.54
+    assert 0 < result["dequant_share"] < 1 and result["peak_rss_bytes"] > 0
+    assert "peak RSS over 2 LoRA steps of 64 tokens" in script.markdown(result)
