@@ -1,18 +1,25 @@
 """The board's chat panel: generations from a run's adapter, streamed piece by piece.
 
-It goes through what `petformers chat` uses (`cli.common.load_model`: base + PEFT adapter merged;
-`generate` with `StreamPrinter`; the tokenizer's chat template), so an answer here is the answer there.
-One model is kept loaded (the last run chatted with); one generation runs at a time.
+It takes the steps `petformers chat` takes (base loaded by `load_pretrained` on the same default device
+and dtype, the PEFT adapter merged in, the tokenizer's chat template, `generate` with `StreamPrinter`),
+so an answer here is the answer there. One model is kept loaded (the last run chatted with); one
+generation runs at a time.
 """
 
 from __future__ import annotations
 
-import argparse
 import queue
 import threading
 from pathlib import Path
 
+import torch
+
 from petformers.board.runs import OutsideRoot, read_config
+from petformers.checkpoint.load import load_pretrained
+from petformers.generate import GenerationConfig, StreamPrinter, generate
+from petformers.models.config import parse_dtype
+from petformers.pet.merge import merge_and_unload
+from petformers.pet.peft_format import load_peft_adapter
 
 MAX_NEW_TOKENS = 512
 
@@ -26,6 +33,18 @@ def adapter_of(run: Path) -> Path | None:
     return steps[-1].parent if steps else None
 
 
+def load_for_chat(base: str, adapter: Path | None):
+    """(model, tokenizer) as `petformers chat --load_checkpoint base --adapter adapter` loads them: CUDA when
+    present (bf16) else CPU (fp32), the adapter merged into the weights."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = parse_dtype("bfloat16" if device == "cuda" else "float32", "dtype")
+    model, tokenizer = load_pretrained(base, dtype=dtype, device=device)
+    if adapter is not None:
+        load_peft_adapter(model, str(adapter))
+        model = merge_and_unload(model)
+    return model.eval(), tokenizer
+
+
 class ChatModels:
     """Loads (once) and runs the model of one run at a time."""
 
@@ -35,8 +54,6 @@ class ChatModels:
         self._loaded = None
 
     def _load(self, run: Path):
-        from petformers.cli.common import load_model
-
         _, config, note = read_config(run)
         base = config.get("load_checkpoint")
         if not base:
@@ -45,19 +62,13 @@ class ChatModels:
         key = (str(run), str(adapter))
         if self._key != key:
             self._loaded = None  # free the previous model first
-            args = argparse.Namespace(load_checkpoint=str(base), adapter=str(adapter) if adapter else None,
-                                      device=None, dtype=None)
-            self._loaded = load_model(args)
+            self._loaded = load_for_chat(str(base), adapter)
             self._key = key
         return self._loaded, base, adapter
 
     def stream(self, run: Path, messages: list[dict], max_new_tokens: int = 128, system: str | None = None):
         """Yield ("info", text) once, then ("token", text) pieces, then ("done", full answer); ("error", line)
         instead when something fails. Runs the generation in a thread so that pieces arrive as they come."""
-        import torch
-
-        from petformers.generate import GenerationConfig, StreamPrinter, generate
-
         pieces: queue.Queue = queue.Queue()
         end = object()
 
