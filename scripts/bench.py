@@ -289,6 +289,21 @@ def _targets(r: dict, runs: dict) -> list[str]:
     ]
 
 
+KEPT_BEGIN, KEPT_END = "<!-- section:", "<!-- end of section -->"
+
+
+def kept_sections(path: Path) -> str:
+    """Sections other scripts wrote into benchmarks.md (scripts/qlora_memory.py), between
+    `<!-- section: NAME -->` and `<!-- end of section -->`: kept as they are when this bench rewrites the file."""
+    if not path.exists():
+        return ""
+    text, out, start = path.read_text(encoding="utf-8"), [], 0
+    while (begin := text.find(KEPT_BEGIN, start)) >= 0 and (end := text.find(KEPT_END, begin)) >= 0:
+        out.append("\n" + text[begin:end + len(KEPT_END)] + "\n")
+        start = end + len(KEPT_END)
+    return "".join(out)
+
+
 def render_markdown(report: dict) -> str:
     runs, r, w, settings = report["runs"], report["ratios"], report["workload"], report["settings"]
     peak = report["matmul_peak_gflops"]
@@ -462,7 +477,7 @@ def finish(report: dict, docs: Path):
     report["ratios"] = ratios(report["runs"])
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
-    (docs / "benchmarks.md").write_text(render_markdown(report))
+    (docs / "benchmarks.md").write_text(render_markdown(report) + kept_sections(docs / "benchmarks.md"))
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--no-recompute", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--write-docs", metavar="BENCHMARKS_MD",
+                   help="put the section into this file (docs/benchmarks.md), replacing this script's previous one")
     return p.parse_args(argv)
 
 
@@ -194,10 +196,36 @@ def markdown(r: dict) -> str:
     ])
 
 
+SECTION = "qlora-7b"
+
+
+def write_section(path: str, text: str):
+    """Replace (or append) this script's section of benchmarks.md; scripts/bench.py keeps it when it
+    rewrites the file (the markers below)."""
+    from pathlib import Path
+
+    begin, end = f"<!-- section: {SECTION} -->", "<!-- end of section -->"
+    block = f"{begin}\n{text}\n{end}"
+    file = Path(path)
+    old = file.read_text(encoding="utf-8") if file.exists() else ""
+    if begin in old:
+        head, _, rest = old.partition(begin)
+        _, _, tail = rest.partition(end)
+        new = head + block + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, file)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    print(markdown(result))
+    text = markdown(result)
+    print(text)
+    if args.write_docs:
+        write_section(args.write_docs, text)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

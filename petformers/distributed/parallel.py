@@ -95,6 +95,9 @@ def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
         HiddenStates(model),
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         init_sync=False,
+        # Every rank builds the same buffers (a quantized base's blocks are buffers: petformers.quant),
+        # so DDP must not broadcast them from rank 0 before every forward.
+        broadcast_buffers=False,
         gradient_as_bucket_view=True,
         # False: every trainable parameter gets a gradient on every step (lm_head included, see
         # HiddenStates), and True would mark lm_head "unused" since it runs outside forward.
