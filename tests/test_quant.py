@@ -333,3 +333,54 @@ def test_memory_script_runs_lora_steps_over_a_base_created_quantized():
     assert n * 0.5 < result["quantized_bytes"] < n * 0.54
     assert 0 < result["dequant_share"] < 1 and result["peak_rss_bytes"] > 0
     assert "peak RSS over 2 LoRA steps of 64 tokens" in script.markdown(result)
+
+
+# ---- adapters over a quantized base: PEFT format, export merge, predict/chat -----------------------
+
+def test_adapter_over_quantized_base_exports_merged_and_loads_in_peft(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from petformers.checkpoint.load import load_pretrained
+    from petformers.cli.common import load_model
+    from petformers.cli.main import main
+    from petformers.pet import PetConfig, apply_lora, save_peft_adapter
+    from petformers.pet.lora import LoRALinear
+
+    quant = QuantConfig.from_keys(4)
+    model, _ = load_pretrained(tiny_model_dir, with_tokenizer=False, quantization=quant)
+    pet = PetConfig.from_dict({"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8,
+                               "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    apply_lora(model, pet)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.weight.normal_(0, 0.05)  # a trained adapter, not B = 0
+    adapter = tmp_path / "adapter"
+    save_peft_adapter(model, pet, adapter, str(tiny_model_dir))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model.eval()(ids)
+
+    # export merge: dequantize -> merge -> save; transformers reads the merged directory
+    merged = tmp_path / "merged"
+    assert main(["export", "merge", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(adapter),
+                 "--output_dir", str(merged), "--quantization_bit", "4"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+    # PEFT loads the same adapter over the float base (its own LoRA weights are ours)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
+    theirs = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.equal(theirs, model.layers[0].attention.wq.lora_b.weight)
+
+    # predict/chat: the adapter stays a LoRA layer over the quantized blocks, same logits
+    args = type("Args", (), {"load_checkpoint": str(tiny_model_dir), "adapter": str(adapter), "device": "cpu",
+                             "dtype": None, "quantization_bit": 4, "quantization_type": None,
+                             "double_quantization": None})()
+    served, _ = load_model(args)
+    assert isinstance(served.layers[0].attention.wq, LoRALinear) and served.layers[0].attention.wq.is_quantized
+    with torch.no_grad():
+        assert torch.equal(served(ids), expected)

@@ -22,6 +22,23 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_quantization_args(p)
+
+
+def add_quantization_args(p: argparse.ArgumentParser):
+    """The YAML's model_config quantization keys as flags (docs/quantization.md)."""
+    p.add_argument("--quantization_bit", type=int, default=None, help="4 or 8: hold the base quantized")
+    p.add_argument("--quantization_type", default=None,
+                   help="nf4 (default for 4 bits), fp4, int8 (default for 8 bits), or gguf (keep a GGUF file's blocks)")
+    p.add_argument("--double_quantization", default=None,
+                   help="True/False: quantize the nf4/fp4 block scales too (default True for nf4/fp4)")
+
+
+def quantization_from_args(args):
+    from petformers.quant.model import QuantConfig
+
+    return QuantConfig.from_keys(getattr(args, "quantization_bit", None), getattr(args, "quantization_type", None),
+                                 getattr(args, "double_quantization", None), where="--")
 
 
 def add_generation_args(p: argparse.ArgumentParser):
@@ -43,17 +60,25 @@ def generation_config(args):
 
 
 def load_model(args):
-    """(model, tokenizer) for `--load_checkpoint` with `--adapter` merged in, ready for inference."""
+    """(model, tokenizer) for `--load_checkpoint` with `--adapter` merged in, ready for inference.
+    Over a quantized base (--quantization_bit/--quantization_type) the adapter stays a separate LoRA
+    layer over the quantized blocks (merging would need the float model)."""
     from petformers.checkpoint.load import load_pretrained
 
     device = args.device or default_device()
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "--dtype")
-    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, device=device)
+    quantization = quantization_from_args(args)
+    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, device=device, quantization=quantization)
+    if quantization is not None:
+        log.info("petformers: base held quantized (%s)", quantization.describe())
     if getattr(args, "adapter", None):
         from petformers.pet.merge import merge_and_unload
         from petformers.pet.peft_format import load_peft_adapter
 
         load_peft_adapter(model, args.adapter)
-        model = merge_and_unload(model)
-        log.info("petformers: adapter %s merged for inference", args.adapter)
+        if quantization is None:
+            model = merge_and_unload(model)
+            log.info("petformers: adapter %s merged for inference", args.adapter)
+        else:
+            log.info("petformers: adapter %s applied over the quantized base (not merged)", args.adapter)
     return model.eval(), tokenizer

@@ -34,18 +34,23 @@ def register(subparsers):
                        help="dtype of the written weights: float32 (default), bfloat16 or float16; "
                             "the merge itself is computed in float32")
     merge.add_argument("--max_shard_size_gb", type=float, default=5.0, help="largest safetensors shard (GB)")
+    from petformers.cli.common import add_quantization_args
+
+    add_quantization_args(merge)  # an adapter trained over a quantized base merges into that base, dequantized
     merge.set_defaults(func=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from petformers.checkpoint.hf import save_model_dir
     from petformers.checkpoint.load import load_pretrained
+    from petformers.cli.common import quantization_from_args
     from petformers.pet import load_peft_adapter, merge_and_unload
 
     dtype = parse_dtype(args.dtype, key="--dtype")
     # Loaded in the output dtype (half the memory of float32 for a bf16 export); LoRALinear still
-    # computes W + s·BA in float32 and rounds once to that dtype.
-    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype)
+    # computes W + s·BA in float32 and rounds once to that dtype. Over a quantized base (the one the
+    # adapter was trained on): dequantize -> merge -> save, layer by layer in merge_and_unload.
+    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, quantization=quantization_from_args(args))
     pet_config = load_peft_adapter(model, args.adapter)
     log.info("merging adapter %s (r=%d, alpha=%g) into %s", args.adapter, pet_config.lora_rank,
              pet_config.lora_alpha, args.load_checkpoint)

@@ -33,11 +33,12 @@ class QuantConfig:
     double_quant: bool = True
 
     @classmethod
-    def from_keys(cls, bits=None, qtype=None, double_quant=None, where: str = "model_config") -> "QuantConfig | None":
-        """None when neither bits nor type is set (a float base)."""
+    def from_keys(cls, bits=None, qtype=None, double_quant=None, where: str = "model.model_config.") -> "QuantConfig | None":
+        """None when neither bits nor type is set (a float base). `where` prefixes the key names in errors
+        ('model.model_config.' for the YAML, '--' for command-line flags)."""
         if bits is None and qtype is None:
             if double_quant is not None and double_quant is not False:
-                raise ConfigError(f"{where}.double_quantization: needs quantization_bit: 4 (double quantization "
+                raise ConfigError(f"{where}double_quantization: needs quantization_bit: 4 (double quantization "
                                   "is of NF4/FP4 block scales)")
             return None
         if bits is not None:
@@ -46,26 +47,28 @@ class QuantConfig:
             except (TypeError, ValueError):
                 bits = -1
             if bits not in (4, 8):
-                raise ConfigError(f"{where}.quantization_bit: must be 4 or 8, not {bits!r}")
+                raise ConfigError(f"{where}quantization_bit: must be 4 or 8, not {bits!r}")
         if qtype is None:
             qtype = "nf4" if bits == 4 else "int8"
         qtype = str(qtype).lower()
         if qtype not in TYPES:
-            raise ConfigError(f"{where}.quantization_type: must be one of {', '.join(TYPES)}, not {qtype!r}")
+            raise ConfigError(f"{where}quantization_type: must be one of {', '.join(TYPES)}, not {qtype!r}")
         if qtype in ("nf4", "fp4") and bits not in (None, 4):
-            raise ConfigError(f"{where}.quantization_type: {qtype} is 4-bit; set quantization_bit: 4 (not {bits})")
+            raise ConfigError(f"{where}quantization_type: {qtype} is 4-bit; set quantization_bit: 4 (not {bits})")
         if qtype == "int8" and bits not in (None, 8):
-            raise ConfigError(f"{where}.quantization_type: int8 is 8-bit; set quantization_bit: 8 (not {bits})")
+            raise ConfigError(f"{where}quantization_type: int8 is 8-bit; set quantization_bit: 8 (not {bits})")
         if qtype in ("nf4", "fp4"):
             bits = 4
         elif qtype == "int8":
             bits = 8
         if double_quant is None:
             double_quant = qtype in ("nf4", "fp4")
+        if isinstance(double_quant, str) and double_quant.lower() in ("true", "false"):
+            double_quant = double_quant.lower() == "true"
         if not isinstance(double_quant, bool):
-            raise ConfigError(f"{where}.double_quantization: must be True or False, not {double_quant!r}")
+            raise ConfigError(f"{where}double_quantization: must be True or False, not {double_quant!r}")
         if double_quant and qtype not in ("nf4", "fp4"):
-            raise ConfigError(f"{where}.double_quantization: applies to nf4/fp4 only, not {qtype}")
+            raise ConfigError(f"{where}double_quantization: applies to nf4/fp4 only, not {qtype}")
         return cls(bits, qtype, double_quant)
 
     def describe(self) -> str:
