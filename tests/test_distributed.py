@@ -168,6 +168,23 @@ def test_two_rank_sharded_checkpoint_resumes_on_two_ranks(config, reference, fsd
     assert_same_adapter(adapter(reference), adapter(out))
 
 
+def test_a_damaged_shard_of_the_newest_sharded_checkpoint_falls_back_to_the_previous_one(config, reference, fsdp_run,
+                                                                                         tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(fsdp_run, out)
+    shutil.rmtree(out / "adapter")
+    shard = out / "checkpoint" / f"step_{STEPS:08d}" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in rank 1's shard
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    single(config, out, "--resume_training", "True")
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "dcp/__1_0.distcp" in warning[0] and "step_00000002" in warning[0], warning
+    assert resumed_from(out) == 2
+    assert_same_adapter(adapter(reference), adapter(out))
+
+
 def test_one_rank_checkpoint_resumes_on_two_ranks(config, reference, tmp_path):
     out = interrupted_copy(reference, tmp_path / "out")
     done = torchrun(config, out, "parallel_strategy=fsdp", "--resume_training", "True")

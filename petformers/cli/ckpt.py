@@ -48,9 +48,9 @@ def find_checkpoint(path: Path) -> Path:
     if (path / checkpointing.STATE_FILE).exists():
         return path
     for root in (path / "checkpoint", path):
-        found = checkpointing.list_checkpoints(root)
-        if found:
-            return found[-1]
+        found = checkpointing.latest_good_checkpoint(root)
+        if found is not None:
+            return found
     raise CheckpointError(f"{path}: no complete training checkpoint (a step_N directory with "
                           f"{checkpointing.STATE_FILE}) here or under {path / 'checkpoint'}")
 

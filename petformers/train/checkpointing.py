@@ -1,8 +1,10 @@
 """Training checkpoints: one directory per step under `output_dir/checkpoint/`, written atomically.
 
 A checkpoint is written into a hidden temp directory, every file fsynced, then renamed to
-`step_00000042/`; `trainer_state.json` is the last file written inside it. So a kill at any moment
-leaves either the previous checkpoints only, or a complete new one: resume never picks a partial one.
+`step_00000042/`; `manifest.json` (size and sha256 of every other file) is the last file written
+inside it. So a kill at any moment leaves either the previous checkpoints only, or a complete new one,
+and resume checks the manifest before loading: a checkpoint truncated or altered afterwards (a bad
+disk, a bit flip, a copy cut short) is skipped with one warning for the newest intact one, never loaded.
 
 Contents: `trainable.safetensors` (adapter / trainable tensors, petformers names), `adapter/` (the
 same in PEFT format, usable with `--adapter`), `optimizer.pt` (torch.load(weights_only=True)-safe),
@@ -14,7 +16,9 @@ trainable tensors and optimizer state are a sharded `dcp/` directory instead, wr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,6 +31,9 @@ from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+log = logging.getLogger("petformers")
 
 
 def _fsync_dir(path: Path):
@@ -97,6 +104,7 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, kee
         json.dump(trainer_state | {"step": step}, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
+    write_manifest(tmp)
     for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
         _fsync_dir(directory)
     _put_in_place(tmp, final)
@@ -146,6 +154,70 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     done = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path):
+    """`manifest.json`: {relative path: {bytes, sha256}} of every file in `directory`, written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
+        json.dump({"files": entries}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint `path` must not be loaded (missing manifest, a file missing, truncated or
+    altered), or None when every file matches its manifest entry."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        items = list(files.items())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, entry in items:
+        file = path / name
+        try:
+            size, expected = int(entry["bytes"]), str(entry["sha256"])
+        except (KeyError, TypeError, ValueError):
+            return f"{MANIFEST}: entry {name!r} malformed"
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"{MANIFEST}: entry {name!r} leaves the checkpoint"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
+        if _sha256(file) != expected:
+            return f"{name} does not match its sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def latest_good_checkpoint(root: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose files all match their manifest; newer damaged ones are named in one
+    warning line. None when there is no checkpoint; CheckpointError when every one is damaged."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            if skipped and warn:
+                log.warning("petformers: warning: %s; resuming from %s instead",
+                            "; ".join(f"{p.name} is damaged ({why})" for p, why in skipped), path)
+            return path
+        skipped.append((path, problem))
+    if skipped:
+        raise CheckpointError(f"{root}: no intact checkpoint to resume from ("
+                              + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                              + "); move them away to start from step 0")
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:

@@ -201,20 +201,20 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
 
     start_step, history = 0, []
     if cfg.resume_training:
-        found = checkpointing.list_checkpoints(ckpt_root)
-        if found:
+        good = checkpointing.latest_good_checkpoint(ckpt_root, warn=env.is_main)
+        if good is not None:
             from petformers.distributed import dcp
 
-            if sharded or dcp.is_sharded(found[-1]):  # resharded to this world size (auto_trans_ckpt)
-                rng, state = dcp.load_checkpoint(found[-1], model, optimizer)
+            if sharded or dcp.is_sharded(good):  # resharded to this world size (auto_trans_ckpt)
+                rng, state = dcp.load_checkpoint(good, model, optimizer)
             else:
-                tensors, opt_state, rng, state = checkpointing.load_checkpoint(found[-1])
-                load_trainable_state(model, tensors, str(found[-1]))
+                tensors, opt_state, rng, state = checkpointing.load_checkpoint(good)
+                load_trainable_state(model, tensors, str(good))
                 optimizer.load_state_dict(opt_state)
             checkpointing.set_rng_state(rng)
             start_step = int(state["step"])
             if env.is_main:
-                log.info("petformers: resumed from %s (step %d of %d, saved by %s rank(s))", found[-1], start_step,
+                log.info("petformers: resumed from %s (step %d of %d, saved by %s rank(s))", good, start_step,
                          total, state.get("world_size", 1))
         elif env.is_main:
             log.info("petformers: resume_training set but no checkpoint in %s: starting from step 0", ckpt_root)
