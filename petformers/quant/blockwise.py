@@ -73,11 +73,20 @@ def _scaled_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index into `code` of the nearest value (ties to the upper one), int64."""
+    """Index into `code` of the nearest value (a value on a midpoint goes to the lower code): the number
+    of midpoints of the sorted code below the value (what torch.bucketize counts), then the code's order."""
     order = torch.argsort(code)
     sorted_code = code[order]
-    q = torch.bucketize(scaled, (sorted_code[:-1] + sorted_code[1:]) / 2)
-    return order[q]
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+    if len(bounds) <= 15:  # 4 bits: 15 compare-and-add passes are ~5x faster than bucketize's search
+        q = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+        for b in bounds.tolist():
+            q += scaled > b
+    else:
+        q = torch.bucketize(scaled, bounds, out_int32=True)
+    if torch.equal(order, torch.arange(len(code), device=code.device)):
+        return q
+    return order[q.long()]
 
 
 def _expand_absmax(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
