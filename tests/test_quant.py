@@ -271,6 +271,33 @@ def test_load_quantizes_linear_layers_and_keeps_the_rest_float(tiny_model_dir):
     assert isinstance(model, Llama) and not any(k.endswith(("packed", "absmax")) for k in model.state_dict())
 
 
+def test_loading_quantizes_each_weight_on_arrival(tiny_model_dir):
+    """Layer by layer: when the loader yields a tensor, no earlier float linear weight is still alive
+    (only the one before it, in the consumer's loop variable), so the float model never exists."""
+    import gc
+    import weakref
+
+    from petformers.checkpoint import hf
+    from petformers.checkpoint.materialize import materialize
+    from petformers.models.llama import build_model
+
+    refs, most_alive = [], 0
+
+    def tracked():
+        nonlocal most_alive
+        for name, tensor in hf.iter_tensors(tiny_model_dir):
+            gc.collect()
+            most_alive = max(most_alive, sum(r() is not None for r in refs))
+            if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name and "tok_" not in name:
+                refs.append(weakref.ref(tensor))
+            yield name, tensor
+
+    model = build_model(hf.read_config(tiny_model_dir), device="meta")
+    materialize(model, tracked(), torch.float32, quantization=QuantConfig.from_keys(4))
+    assert len(refs) == 14 and most_alive <= 1
+    assert len([m for m in model.modules() if isinstance(m, QuantLinear)]) == 14
+
+
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0], ids=lambda q: q.name)
 def test_gguf_kept_quantized_gives_the_logits_of_the_dequantized_file(tmp_path, tiny_model_dir, tiny_tokenizer_dir, qtype):
     from petformers.checkpoint.load import load_pretrained
