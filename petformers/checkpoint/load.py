@@ -102,7 +102,8 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
         metadata = gguf_file.read_metadata(reader)
         config = gguf_file.read_config(reader, metadata, str(path))
         tensors = gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, str(path),
-                                         keep_blocks=quantization is not None and quantization.type == "gguf")
+                                         keep_blocks=quantization is not None and quantization.type == "gguf",
+                                         permuted=gguf_file.permuted_qk(metadata))
         if with_tokenizer:
             tokenizer = Tokenizer.from_gguf_metadata(metadata, source=str(path))
     else:

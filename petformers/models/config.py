@@ -1,7 +1,20 @@
 """The one Llama-family config, and its builders from every format users hold.
 
-Field names are MindFormers' (`num_layers`, `n_kv_heads`, `theta`, ...) so that a MindFormers
-`model.model_config` section maps one to one; Hugging Face, GGUF and Meta names are translated here.
+Field names are MindFormers' (`num_layers`, `n_kv_heads`, `theta`, `qkv_has_bias`, ...) so that a
+MindFormers `model.model_config` section maps one to one; Hugging Face, GGUF and Meta names are
+translated here.
+
+A family is this config plus a few switches (MindFormers itself runs Qwen2.5 as a Llama):
+
+| family  | switches                                                                        |
+|---------|---------------------------------------------------------------------------------|
+| llama   | (Llama 2/3.x; `rope_scaling` llama3/linear; explicit `head_dim`; attention_bias) |
+| mistral | `sliding_window`                                                                |
+| qwen2   | `qkv_has_bias`, `theta` 1e6, often `tie_word_embeddings`; `sliding_window` rare |
+| qwen3   | `qk_norm`, explicit `head_dim`                                                  |
+
+`family` only decides what an export calls the model (`architectures`, `model_type`); the model is
+built from the switches alone.
 """
 
 from __future__ import annotations
@@ -39,6 +52,18 @@ def ffn_hidden_size(hidden_size: int, multiple_of: int, ffn_dim_multiplier: floa
     return multiple_of * ((width + multiple_of - 1) // multiple_of)
 
 
+# family (Hugging Face model_type) -> its transformers architecture
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {arch: family for family, arch in FAMILIES.items()}
+# GGUF general.architecture -> family (llama.cpp writes Mistral and Llama 3 as "llama")
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def supported_architectures() -> str:
+    return ", ".join(f"{arch} ({family})" for family, arch in FAMILIES.items())
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -55,7 +80,12 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or linear
     seq_length: int = 4096  # max positions the model was trained for
     tie_word_embeddings: bool = False
-    qkv_has_bias: bool = False
+    qkv_has_bias: bool = False  # wq/wk/wv have a bias (Qwen2)
+    attn_proj_has_bias: bool = False  # wo has a bias too (Llama's and Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (Qwen3)
+    sliding_window: int | None = None  # a query sees only its last `sliding_window` keys (Mistral)
+    max_window_layers: int = 0  # layers below this index attend in full despite sliding_window (Qwen2's rule)
+    family: str | None = None  # llama, mistral, qwen2 or qwen3: the architecture exports write; None: from the switches
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
@@ -74,6 +104,40 @@ class LlamaConfig:
             self.intermediate_size = ffn_hidden_size(self.hidden_size, self.multiple_of, self.ffn_dim_multiplier)
         if self.num_heads % self.n_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise ConfigError(f"family: unknown {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ConfigError(f"sliding_window: must be a positive number of keys, got {self.sliding_window!r}")
+
+    @property
+    def hf_family(self) -> str:
+        """The family an export writes: the source's own when its config can say what the switches do,
+        else the one whose config can (a MindFormers Llama with qkv_has_bias is a Qwen2)."""
+        wanted = self.family or "llama"
+        if wanted in self._families_that_fit():
+            return wanted
+        fitting = self._families_that_fit()
+        if not fitting:
+            raise ConfigError("this model (" + self._switches() + ") is none of " + ", ".join(FAMILIES) +
+                              ": no transformers architecture holds it")
+        return fitting[0]
+
+    def _families_that_fit(self) -> list[str]:
+        """Families whose transformers config expresses every switch, most specific first."""
+        same_bias = self.qkv_has_bias == self.attn_proj_has_bias
+        window_everywhere = self.sliding_window is None or self.max_window_layers == 0
+        fits = {
+            "qwen3": self.qk_norm and same_bias,
+            "qwen2": not self.qk_norm and self.qkv_has_bias and not self.attn_proj_has_bias,
+            "mistral": not self.qk_norm and not self.qkv_has_bias and not self.attn_proj_has_bias
+            and window_everywhere and not self.rope_scaling,
+            "llama": not self.qk_norm and same_bias and self.sliding_window is None,
+        }
+        return [f for f in ("qwen3", "qwen2", "llama", "mistral") if fits[f]]
+
+    def _switches(self) -> str:
+        return (f"qkv_has_bias {self.qkv_has_bias}, attn_proj_has_bias {self.attn_proj_has_bias}, "
+                f"qk_norm {self.qk_norm}, sliding_window {self.sliding_window}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -89,11 +153,18 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM and look-alikes such as Mistral)."""
+        """From a Hugging Face config.json: Llama (2, 3.x), Mistral, Qwen2 / Qwen2.5, Qwen3."""
         arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-        if cfg.get("model_type") not in (None, "llama", "mistral") and "Llama" not in arch:
-            raise ConfigError(f"config.json: unsupported architecture {arch!r} (model_type "
-                              f"{cfg.get('model_type')!r}); petformers supports the Llama family")
+        family = HF_ARCHITECTURES.get(arch) or (cfg.get("model_type") if cfg.get("model_type") in FAMILIES else None)
+        if family is None:
+            raise ConfigError(f"config.json: unsupported architecture {arch!r} (model_type {cfg.get('model_type')!r}); "
+                              f"petformers supports {supported_architectures()}")
+        if cfg.get("mlp_bias"):
+            raise ConfigError("config.json: mlp_bias true is not supported (the feed-forward layers have no bias)")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(f"config.json: hidden_act {cfg.get('hidden_act')!r} is not supported (silu)")
+        bias = bool(cfg.get("attention_bias", False))
+        window, window_layers = _hf_sliding_window(cfg, family)
         try:
             return cls(
                 vocab_size=cfg["vocab_size"],
@@ -101,14 +172,20 @@ class LlamaConfig:
                 num_layers=cfg["num_hidden_layers"],
                 num_heads=cfg["num_attention_heads"],
                 n_kv_heads=cfg.get("num_key_value_heads"),
-                head_dim=cfg.get("head_dim"),
+                # transformers' Qwen3Config defaults head_dim to 128 (not hidden / heads)
+                head_dim=cfg.get("head_dim", 128 if family == "qwen3" else None),
                 intermediate_size=cfg["intermediate_size"],
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 rope_scaling=_hf_rope_scaling(cfg),
                 seq_length=cfg.get("max_position_embeddings", 2048),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                qkv_has_bias=cfg.get("attention_bias", False),
+                qkv_has_bias=True if family == "qwen2" else bias and family != "mistral",
+                attn_proj_has_bias=bias and family in ("llama", "qwen3"),
+                qk_norm=family == "qwen3",
+                sliding_window=window,
+                max_window_layers=window_layers,
+                family=family,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
                 pad_token_id=cfg.get("pad_token_id"),
@@ -117,10 +194,11 @@ class LlamaConfig:
             raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
 
     def to_hf(self) -> dict:
-        """A transformers LlamaConfig dict for config.json of an exported model."""
+        """The config.json of an exported model, in its family's own terms (`Qwen2ForCausalLM`, ...)."""
+        family = self.hf_family
         cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [FAMILIES[family]],
+            "model_type": family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -134,27 +212,40 @@ class LlamaConfig:
             "rope_theta": self.theta,
             "rope_scaling": self.rope_scaling,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.qkv_has_bias,
-            "mlp_bias": False,
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.compute_dtype,
         }
+        if family in ("llama", "qwen3"):
+            cfg["attention_bias"] = self.qkv_has_bias
+        if family == "llama":
+            cfg["mlp_bias"] = False
+        if family == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        if family in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = self.sliding_window is not None
+            cfg["sliding_window"] = self.sliding_window
+            cfg["max_window_layers"] = self.max_window_layers if self.sliding_window is not None else self.num_layers
+        if family == "qwen2" and self.head_dim == self.hidden_size // self.num_heads:
+            del cfg["head_dim"]  # Qwen2Config has no head_dim key; it is hidden / heads there
         return cfg
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any]) -> "LlamaConfig":
-        """From GGUF key/value metadata (already decoded to Python values)."""
+    def from_gguf(cls, meta: dict[str, Any], tensor_names: set[str] = frozenset()) -> "LlamaConfig":
+        """From GGUF key/value metadata (already decoded to Python values). The switches llama.cpp
+        does not write as metadata (biases, q/k norms) are read from which tensors the file has."""
         arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'llama')")
-        p = "llama."
+        if arch not in GGUF_ARCHITECTURES:
+            raise ConfigError(f"GGUF architecture {arch!r} is not supported; petformers supports "
+                              f"{', '.join(GGUF_ARCHITECTURES)}")
+        p = f"{arch}."
         try:
             heads = int(meta[p + "attention.head_count"])
             hidden = int(meta[p + "embedding_length"])
-            rope_dim = meta.get(p + "rope.dimension_count")
+            rope_dim = meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count")
+            window = meta.get(p + "attention.sliding_window")
             return cls(
                 vocab_size=int(meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])),
                 hidden_size=hidden,
@@ -166,6 +257,11 @@ class LlamaConfig:
                 rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
                 theta=float(meta.get(p + "rope.freq_base", 10000.0)),
                 seq_length=int(meta.get(p + "context_length", 2048)),
+                qkv_has_bias="blk.0.attn_q.bias" in tensor_names,
+                attn_proj_has_bias="blk.0.attn_output.bias" in tensor_names,
+                qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+                sliding_window=int(window) if window else None,
+                family=GGUF_ARCHITECTURES[arch],
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                 eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
                 pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
@@ -218,6 +314,31 @@ class LlamaConfig:
         if "rms_norm_eps" in kwargs:
             kwargs["rms_norm_eps"] = float(kwargs["rms_norm_eps"])
         return cls(**kwargs, extra=extra)
+
+
+def _hf_sliding_window(cfg: dict, family: str) -> tuple[int | None, int]:
+    """(sliding_window, max_window_layers) as transformers applies them: Mistral on every layer when set;
+    Qwen2/Qwen3 only with use_sliding_window, on the layers from max_window_layers on (or layer_types)."""
+    window = cfg.get("sliding_window")
+    if family == "mistral":
+        return (int(window) if window else None), 0
+    if family not in ("qwen2", "qwen3") or not window:
+        return None, 0
+    kinds = cfg.get("layer_types")
+    if kinds:
+        sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if not sliding:
+            return None, 0
+        if sliding != list(range(sliding[0], len(kinds))):
+            raise ConfigError("config.json: layer_types mixes sliding and full attention in an order petformers "
+                              "does not support (sliding layers must be the last ones)")
+        return int(window), sliding[0]
+    if not cfg.get("use_sliding_window"):
+        return None, 0
+    layers = cfg.get("max_window_layers", 28)
+    if layers >= cfg.get("num_hidden_layers", 0):
+        return None, 0
+    return int(window), int(layers)
 
 
 def _hf_rope_scaling(cfg: dict) -> dict | None:

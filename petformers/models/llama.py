@@ -1,5 +1,10 @@
 """The Llama family in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
 
+Mistral, Qwen2/Qwen2.5 and Qwen3 are this model with a few config switches (models/config.py):
+`qkv_has_bias` / `attn_proj_has_bias` (biases of wq/wk/wv and of wo), `qk_norm` (Qwen3's RMSNorm over
+each head of q and k, before rope), an explicit `head_dim`, and `sliding_window` (a query sees only its
+last `sliding_window` keys, on layers from `max_window_layers` on).
+
 Parameter names are Meta's / MindFormers' (`tok_embeddings`, `layers.N.attention.wq`, ...,
 `layers.N.feed_forward.w1`, `norm`, `lm_head`), so MindFormers' `target_modules: '.*wq|.*wk|.*wv|.*wo'`
 works unchanged. The q/k weight layout is Hugging Face's ("rotate half"); loaders convert Meta's
@@ -12,6 +17,7 @@ Attention takes three optional descriptions of which keys a query may see, all t
   computed sample by sample (`segment_attention`): causal attention over each sample's own columns does
   sum(L^2)/2 work instead of the T^2 of a masked row, and needs no [T, T] mask;
 - `attention_mask` [B, S]: 1 for real tokens, 0 for (left) padding, with a KV cache of S keys.
+A sliding window, when some query could see further back than it, is one more condition on the mask.
 """
 
 from __future__ import annotations
@@ -97,14 +103,18 @@ def build_attention_mask(
     segment_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     device,
+    window: int | None = None,
 ) -> torch.Tensor | None:
-    """Boolean [B|1, 1, q_len, past+q_len] mask (True = may attend), or None for plain causal."""
-    if segment_ids is None and attention_mask is None and past == 0:
+    """Boolean [B|1, 1, q_len, past+q_len] mask (True = may attend), or None for plain causal.
+    `window`: a query at cache index i sees keys i - window < j <= i only (transformers' rule)."""
+    if segment_ids is None and attention_mask is None and past == 0 and window is None:
         return None
     k_len = past + q_len
     q_pos = torch.arange(past, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]
+    if window is not None:
+        mask = mask & (q_pos - k_pos < window)[None, None]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if attention_mask is not None:
@@ -150,13 +160,19 @@ class Attention(nn.Module):
         self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attn_proj_has_bias)
+        if config.qk_norm:  # Qwen3: one RMSNorm over each head's head_dim, shared by all heads
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, segments=None):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -242,20 +258,23 @@ class Llama(nn.Module):
         x = self.tok_embeddings(input_ids)
         inv_freq = rope_inv_freq(self.config, device=input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
+        window = self.config.sliding_window
+        if window is not None and window >= past + t:
+            window = None  # no query can see further back than the window: plain attention
         segments = None
-        if segment_ids is not None and attention_mask is None and cache is None:
+        if segment_ids is not None and attention_mask is None and cache is None and window is None:
             segments, segment_ids = segment_lengths(segment_ids), None  # packed training rows: sample by sample
-        mask = build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device)
-        if mask is not None:
-            # SDPA turns a boolean mask into an additive one at every call and each layer keeps its copy
-            # for backward (30 x 4 MiB per 1024-token row, 32 x 64 MiB at 4096); converted once, the
-            # layers share one. Every query sees at least itself, so no row is all -inf.
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        for layer in self.layers:
+        mask = _additive(build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device), x.dtype)
+        window_mask = None
+        if window is not None:
+            window_mask = _additive(build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device,
+                                                         window), x.dtype)
+        for i, layer in enumerate(self.layers):
+            layer_mask = window_mask if window is not None and i >= self.config.max_window_layers else mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, None, segments, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, layer_mask, None, segments, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, segments)
+                x = layer(x, cos, sin, layer_mask, cache, segments)
         if cache is not None:
             cache.length += t
         return self.norm(x)
@@ -263,6 +282,15 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids=None, segment_ids=None, attention_mask=None, cache=None):
         """Logits [B, T, vocab] in the model's dtype."""
         return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids, attention_mask, cache))
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as an additive one (0 / -inf). SDPA converts a boolean mask at every call and each
+    layer keeps its copy for backward (30 x 4 MiB per 1024-token row, 32 x 64 MiB at 4096); converted
+    once, the layers share one. Every query sees at least itself, so no row is all -inf."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def build_model(config: LlamaConfig, device="meta", dtype: torch.dtype = torch.float32) -> Llama:
