@@ -208,3 +208,66 @@ def test_llama3_rope_scaling_recovered_from_gguf_rope_freqs(scaling):
     hf = HFConfig(hidden_size=4096, num_attention_heads=32, rope_parameters={"rope_theta": 500000.0} | scaling)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     assert torch.allclose(rope_inv_freq(config).double(), expected.double(), rtol=1e-5, atol=0)
+
+
+# ---- the switches in other combinations -----------------------------------------------------
+
+VARIANTS = {
+    # Qwen2's rule: sliding window only on the layers from max_window_layers on (here layer 1, not layer 0)
+    "qwen2-sliding-upper-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3-tied-sliding": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
+                                         max_window_layers=0)),
+    "llama-attention-bias": ("llama3", dict(attention_bias=True, rope_scaling=None)),  # wq/wk/wv and wo biases
+    "mistral-head-dim": ("mistral", dict(head_dim=32, sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_logits_equal_transformers(variant, tmp_path):
+    name, overrides = VARIANTS[variant]
+    path = write_family(tmp_path, name, seed=3, **overrides)
+    model, _ = load_pretrained(path, with_tokenizer=False)
+    assert (logits_of(model) - logits_of(reference(path))).abs().max().item() <= TOL
+    if variant == "qwen2-sliding-upper-layers":
+        assert (model.config.sliding_window, model.config.max_window_layers) == (6, 1)
+        model.config.max_window_layers = 0  # the window on layer 0 too: no longer transformers' model
+        assert (logits_of(model) - logits_of(reference(path))).abs().max().item() > 1e-3
+    if variant == "llama-attention-bias":
+        assert model.layers[0].attention.wo.bias is not None
+        assert json.loads((path / "config.json").read_text())["attention_bias"] is True
+        assert model.config.to_hf()["attention_bias"] is True and model.config.hf_family == "llama"
+
+
+def test_sliding_window_packed_rows_and_training(tmp_path):
+    """Mistral's window holds inside packed rows (each sample sees its own last 8 tokens) and in backward."""
+    path = write_family(tmp_path, "mistral", seed=5)
+    model, _ = load_pretrained(path, with_tokenizer=False)
+    ref = reference(path)
+    a, b = IDS[:1, :23], IDS[1:, :17]
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(23), torch.arange(17)])[None]
+    segments = torch.cat([torch.zeros(23, dtype=torch.long), torch.ones(17, dtype=torch.long)])[None]
+    with torch.no_grad():
+        got = model(packed, position_ids=positions, segment_ids=segments)
+    assert (got[:, :23] - logits_of(ref, a)).abs().max().item() <= TOL
+    assert (got[:, 23:] - logits_of(ref, b)).abs().max().item() <= TOL
+    trained, _ = load_pretrained(path, with_tokenizer=False)
+    trained.layers[0].attention.wq.weight.requires_grad_(True)
+    trained(packed, position_ids=positions, segment_ids=segments).float().pow(2).mean().backward()
+    assert trained.layers[0].attention.wq.weight.grad.abs().sum() > 0
+
+
+def test_unknown_architecture_is_one_line_naming_the_supported_ones(tmp_path, capsys):
+    path = write_family(tmp_path / "model", "qwen2")
+    capsys.readouterr()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(architectures=["Phi3ForCausalLM"], model_type="phi3")
+    (path / "config.json").write_text(json.dumps(cfg))
+    rc = main(["export", "merge", "--load_checkpoint", str(path), "--adapter", str(tmp_path), "--output_dir",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "Phi3ForCausalLM" in err and str(path / "config.json") in err
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert arch in err
+    assert not (tmp_path / "out").exists()
