@@ -1,12 +1,16 @@
-"""One tokenizer interface over the three places a Llama tokenizer lives.
+"""One tokenizer interface over the places a Llama-family tokenizer lives.
 
 - `tokenizer.json` (+ `tokenizer_config.json`): the `tokenizers` library, as transformers uses it;
+- `vocab.json` + `merges.txt` (Qwen2Tokenizer, GPT2Tokenizer, MindFormers' Qwen2.5 `vocab_file` /
+  `merges_file`): rebuilt as the byte-level BPE transformers builds from them;
 - `tokenizer.model`: SentencePiece (Meta checkpoints, older Llama-2 directories);
 - GGUF metadata (`tokenizer.ggml.*`): rebuilt as a byte-level BPE for the `tokenizers` library.
 
 Chat templates are rendered the way transformers renders them: Jinja in a sandboxed environment
 (templates come from downloaded files), with `trim_blocks` / `lstrip_blocks`, `raise_exception`
-and a `tojson` filter.
+and a `tojson` filter. `chat_template_kwargs` (e.g. Qwen3's `enable_thinking: false`) are passed to
+every rendering, as `apply_chat_template(..., **kwargs)` passes them: set once on the tokenizer, data
+preparation, training-time evaluation, predict and chat all render the same prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self._extra_eos = [i for i in extra_eos_ids if i is not None]
+        self.chat_template_kwargs: dict = {}  # extra template variables, e.g. {"enable_thinking": False}
 
     # ---- ids -------------------------------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:
@@ -96,12 +101,14 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- chat ------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered as text by the model's own template (as transformers does)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation rendered as text by the model's own template (as transformers does);
+        `kwargs` (and `chat_template_kwargs`) are template variables such as `enable_thinking`."""
         if not self.chat_template:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat template; "
                                  "use --template fastchat/alpaca or a model with a chat template")
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    **(self.chat_template_kwargs | kwargs),
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def fingerprint(self) -> str:
@@ -150,7 +157,14 @@ class Tokenizer:
             t = cls.from_sentencepiece(path / "tokenizer.model")
             t.chat_template, t._extra_eos = template, [i for i in extra_eos if i is not None]
             return t
-        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model found")
+        if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+            backend = _bpe_from_vocab_merges(path, cfg, [tok(k) for k in _SPECIAL_KEYS])
+            eos = tok("eos_token") or ("<|endoftext|>" if _is_qwen2(cfg) else None)
+            pad = tok("pad_token") or ("<|endoftext|>" if _is_qwen2(cfg) else None)
+            return cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=eos, pad_token=pad,
+                       add_bos=bool(cfg.get("add_bos_token", False)), chat_template=template,
+                       extra_eos_ids=extra_eos, source=str(path))
+        raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or vocab.json + merges.txt found")
 
     @classmethod
     def from_sentencepiece(cls, model_file: str | Path) -> "Tokenizer":
@@ -234,6 +248,63 @@ _GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe":
                 "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
 _GGUF_NFC = ("qwen2", "deepseek-r1-qwen")  # pre-tokenizers whose tokenizer.json normalises to NFC first
 _GPT2_PRE = (None, "default", "gpt2")
+
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+_QWEN2_CLASSES = (None, "Qwen2Tokenizer", "Qwen2TokenizerFast")
+_GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")
+
+
+def _is_qwen2(cfg: dict) -> bool:
+    return cfg.get("tokenizer_class") in _QWEN2_CLASSES
+
+
+def _bpe_from_vocab_merges(path: Path, cfg: dict, specials: list[str | None]):
+    """The byte-level BPE transformers builds from vocab.json + merges.txt: Qwen2Tokenizer's (NFC, Qwen's
+    split pattern; also when tokenizer_config.json names no class, as MindFormers' Qwen2.5 directories)
+    or GPT2Tokenizer's. Added tokens come from tokenizer_config.json's `added_tokens_decoder` at their ids,
+    then the special tokens it names (Qwen2Tokenizer adds them when missing)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    cls_name = cfg.get("tokenizer_class")
+    if cls_name not in _QWEN2_CLASSES + _GPT2_CLASSES:
+        raise TokenizerError(f"{path / 'tokenizer_config.json'}: tokenizer_class {cls_name!r} with vocab.json + "
+                             "merges.txt is not supported (Qwen2Tokenizer, GPT2Tokenizer); pass a tokenizer.json")
+    from petformers.jsonio import read_json
+
+    vocab = read_json(path / "vocab.json", TokenizerError)
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{path / 'vocab.json'}: not a token -> id mapping")
+    lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None:
+        raise TokenizerError(f"{path / 'merges.txt'}: line {bad + 1} is not two tokens separated by a space")
+    added = []
+    for key, entry in sorted((cfg.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+        vocab.setdefault(entry["content"], int(key))
+        added.append(AddedToken(entry["content"], special=bool(entry.get("special", True)),
+                                normalized=bool(entry.get("normalized", False)),
+                                lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                                single_word=bool(entry.get("single_word", False))))
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if _is_qwen2(cfg):
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
+                                                         use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    for token in added:  # one by one: the library keeps the flags of each
+        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+    names = [t for t in specials if t] + list(cfg.get("additional_special_tokens") or [])
+    if _is_qwen2(cfg):
+        names.append("<|endoftext|>")  # Qwen2Tokenizer's unk/eos/pad default
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names
+                                if isinstance(t, str) and t not in {a.content for a in added}])
+    return backend
 
 
 def _gguf_byte_level_bpe(meta: dict, source: str):

@@ -63,7 +63,7 @@ def load_tokenizer(path_or_name) -> Tokenizer:
     path = download.resolve(path_or_name)
     if path.is_file() and path.suffix == ".model":
         return Tokenizer.from_sentencepiece(path)
-    if path.is_file() and path.suffix == ".json":
+    if path.is_file() and path.suffix in (".json", ".txt"):  # tokenizer.json, or vocab.json / merges.txt
         return Tokenizer.from_dir(path.parent)
     if path.is_file() and detect_format(path) == "gguf":
         return Tokenizer.from_gguf_metadata(gguf_file.read_metadata(gguf_file.open_reader(path)), source=str(path))
