@@ -111,6 +111,12 @@ class Tokenizer:
                                     **(self.chat_template_kwargs | kwargs),
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+    def set_chat_template_kwargs(self, **kwargs) -> list[str]:
+        """Template variables for every rendering from now on (e.g. enable_thinking=False); returns the
+        names the chat template never reads, for the caller to report (they change nothing)."""
+        self.chat_template_kwargs.update(kwargs)
+        return [k for k in kwargs if k not in (self.chat_template or "")]
+
     def fingerprint(self) -> str:
         """sha256 of the vocabulary and special tokens: equal for the same tokenizer in any format."""
         h = hashlib.sha256()

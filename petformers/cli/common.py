@@ -23,6 +23,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     add_quantization_args(p)
+    add_chat_template_args(p)
 
 
 def add_quantization_args(p: argparse.ArgumentParser):
@@ -39,6 +40,33 @@ def quantization_from_args(args):
 
     return QuantConfig.from_keys(getattr(args, "quantization_bit", None), getattr(args, "quantization_type", None),
                                  getattr(args, "double_quantization", None), where="--")
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_chat_template_args(p: argparse.ArgumentParser):
+    p.add_argument("--enable_thinking", type=_bool, default=None, metavar="{true,false}",
+                   help="for chat templates with a thinking switch (Qwen3): false renders prompts with an empty "
+                        "<think></think> block, as apply_chat_template(enable_thinking=False) does "
+                        "(default: the template's own default)")
+
+
+def apply_chat_template_args(tokenizer, args):
+    """Set --enable_thinking on the tokenizer, so that every prompt it renders honours it; say so when
+    the model's template has no such switch (the flag then changes nothing)."""
+    value = getattr(args, "enable_thinking", None)
+    if value is None or tokenizer is None:
+        return
+    unused = tokenizer.set_chat_template_kwargs(enable_thinking=value)
+    if unused:
+        log.warning("petformers: --enable_thinking %s changes nothing: the chat template of %s has no "
+                    "enable_thinking switch", str(value).lower(), tokenizer.source)
 
 
 def add_generation_args(p: argparse.ArgumentParser):
@@ -71,6 +99,7 @@ def load_model(args):
     model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, device=device, quantization=quantization)
     if quantization is not None:
         log.info("petformers: base held quantized (%s)", quantization.describe())
+    apply_chat_template_args(tokenizer, args)
     if getattr(args, "adapter", None):
         from petformers.pet.merge import merge_and_unload
         from petformers.pet.peft_format import load_peft_adapter

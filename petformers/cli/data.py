@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from petformers.cli.common import add_chat_template_args, apply_chat_template_args
+
 
 def register(subparsers):
     from petformers.data.templates import TEMPLATES
@@ -38,6 +40,7 @@ def register(subparsers):
     r.add_argument("--template", choices=TEMPLATES, default="fastchat",
                    help="fastchat: Vicuna v1.1 (MindFormers' default); alpaca: plain Alpaca prompt; "
                         "chat: the tokenizer's own chat template (instruct models)")
+    add_chat_template_args(r)
     r.add_argument("--packing", action="store_true", help="put several samples in a row (attention never "
                                                            "crosses samples)")
     r.add_argument("--drop_long", action="store_true", help="drop samples longer than seq_length instead of "
@@ -70,6 +73,7 @@ def run_prepare(args):
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
+    apply_chat_template_args(tokenizer, args)
     progress = not args.no_progress
     if is_text_file(args.input):
         print(f"petformers: {args.input} is raw text: joining documents with eos into rows (run_mode train)",

@@ -185,6 +185,9 @@ def base_meta(kind: str, tokenizer, seq_length: int, packing: bool, template: st
         "pad_id": _pad_id(tokenizer), "ignore_index": IGNORE_INDEX,
         "tokenizer_fingerprint": tokenizer.fingerprint(), "tokenizer_source": str(tokenizer.source),
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+        # template variables the rows were rendered with (e.g. Qwen3's enable_thinking), when any
+        **({"chat_template_kwargs": dict(tokenizer.chat_template_kwargs)}
+           if template == "chat" and getattr(tokenizer, "chat_template_kwargs", None) else {}),
         "source_file": str(input_path), "source_format": source_format, "source_sha256": sha,
         "columns": {c: "int32" for c in ds.COLUMNS},
         "layout": "targets[i] is the label of the token after input_ids[i] (-100: not trained); "
