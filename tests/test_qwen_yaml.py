@@ -96,3 +96,26 @@ def test_qwen25_yaml_fine_tunes_a_mindspore_ckpt_and_its_adapter_loads_in_peft(t
     yaml_cfg = LlamaConfig.from_mindformers({k: v for k, v in yaml.safe_load(cfg.read_text())["model"]["model_config"]
                                              .items() if k != "pet_config"})
     assert yaml_cfg.hf_family == "qwen2" and yaml_cfg.to_hf()["architectures"] == ["Qwen2ForCausalLM"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_mindspore_ckpt_round_trip_keeps_biases_norms_and_the_architecture(family, tmp_path):
+    """HF -> MindSpore .ckpt -> HF (convert --config YAML): q/k/v biases (Qwen2) and q/k norms (Qwen3) survive,
+    and the YAML's switches alone make the written config.json the family's own architecture."""
+    src = write_family(tmp_path / "hf", family, seed=13)
+    assert main(["convert", str(src), "--from", "hf", "--to", "mindspore", "--output_dir", str(tmp_path / "ms")]) == 0
+    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    model_config = {"type": "LlamaConfig", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "n_kv_heads": 2,
+                    "vocab_size": hf["vocab_size"], "intermediate_size": 96, "rms_norm_eps": 1e-6, "theta": 1e6,
+                    "seq_length": 512, "tie_word_embeddings": hf["tie_word_embeddings"]}
+    model_config |= {"qkv_has_bias": True} if family == "qwen2" else {"qk_norm": True, "head_dim": 32}
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"model_config": model_config}}), encoding="utf-8")
+    out = tmp_path / "back"
+    assert main(["convert", str(tmp_path / "ms" / "hf.ckpt"), "--from", "mindspore", "--to", "hf", "--config",
+                 str(cfg), "--output_dir", str(out)]) == 0
+    written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert written["architectures"] == hf["architectures"] and written["model_type"] == family
+    ids = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (reference(out)(ids).logits - reference(src)(ids).logits).abs().max().item() == 0.0

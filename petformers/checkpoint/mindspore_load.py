@@ -40,13 +40,16 @@ _TOP = {
     "lm_head.weight": "lm_head.weight",
 }
 _TOP_BACK = {v: k for k, v in _TOP.items()}
+# attention.q_norm / k_norm: Qwen3's per-head norms, under the names petformers writes them (so that a
+# Qwen3 round-trips through a .ckpt; MindFormers' own Qwen3 is a different, mcore-style model).
 _LAYER = re.compile(r"^model\.(layers\.\d+\.(?:attention\.w[qkvo]\.(?:weight|bias)|feed_forward\.w[123]\.weight"
-                    r"|attention_norm\.weight|ffn_norm\.weight))$")
+                    r"|attention_norm\.weight|ffn_norm\.weight|attention\.[qk]_norm\.weight))$")
 _MINDPET = re.compile(r"^(.+)\.mindpet_delta_lora_([ab])$")
 _PF_LORA = re.compile(r"^(.+)\.lora_([ab])\.weight$")
 # Order of a decoder layer's parameters in MindFormers checkpoints (as in the MindSpore-written
 # fixtures), so that files written here match MindSpore's byte for byte.
 _LAYER_ORDER = ["ffn_norm", "attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                "attention.q_norm", "attention.k_norm",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 _SUFFIX_ORDER = ["weight", "bias", "lora_a.weight", "lora_b.weight"]
 
