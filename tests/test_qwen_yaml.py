@@ -34,6 +34,7 @@ def test_shipped_qwen25_yaml_dry_runs_at_its_real_size(capsys):
     # Qwen2.5-0.5B has 494,032,768 parameters (q/k/v biases, tied embeddings); LoRA r=8 on wq/wk/wv/wo of
     # its 24 layers adds 24 x 8 x ((896+896) + 2 x (896+128) + (896+896)) = 1,081,344
     assert "parameters: 495,114,112" in out and "trainable parameters: 1,081,344" in out
+    assert "family: qwen2 (q/k/v bias, tied embeddings, theta 1e+06)" in out
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,25 @@ class LlamaConfig:
                               ": no transformers architecture holds it")
         return fitting[0]
 
+    def describe(self) -> str:
+        """'qwen2 (q/k/v bias, tied embeddings, theta 1e+06)': the family and its switches, for logs."""
+        try:
+            family = self.hf_family
+        except ConfigError:
+            family = "no transformers family"
+        on = [name for name, flag in (("q/k/v bias", self.qkv_has_bias), ("o bias", self.attn_proj_has_bias),
+                                      ("q/k norm", self.qk_norm), ("tied embeddings", self.tie_word_embeddings))
+              if flag]
+        if self.head_dim != self.hidden_size // self.num_heads:
+            on.append(f"head_dim {self.head_dim}")
+        if self.sliding_window is not None:
+            on.append(f"sliding window {self.sliding_window}"
+                      + (f" from layer {self.max_window_layers}" if self.max_window_layers else ""))
+        if self.rope_scaling:
+            on.append(f"rope scaling {self.rope_scaling.get('rope_type')}")
+        on.append(f"theta {self.theta:g}")
+        return f"{family} ({', '.join(on)})"
+
     def _families_that_fit(self) -> list[str]:
         """Families whose transformers config expresses every switch, most specific first."""
         same_bias = self.qkv_has_bias == self.attn_proj_has_bias

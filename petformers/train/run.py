@@ -26,7 +26,8 @@ log = logging.getLogger("petformers")
 
 # LlamaConfig fields that a checkpoint's own config decides (the YAML may describe another model).
 _ARCH_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
-              "multiple_of", "ffn_dim_multiplier", "head_dim")
+              "multiple_of", "ffn_dim_multiplier", "head_dim", "qkv_has_bias", "attn_proj_has_bias", "qk_norm",
+              "sliding_window", "tie_word_embeddings", "theta")
 
 
 def seed_everything(seed: int):
@@ -103,6 +104,7 @@ def dry_run(cfg) -> dict:
     lines = [
         f"model: {config.num_layers} layers, hidden {config.hidden_size}, heads {config.num_heads}/{config.n_kv_heads}, "
         f"vocab {config.vocab_size} (config from {source})",
+        f"family: {config.describe()}",
         f"parameters: {total:,}",
         f"trainable parameters: {trainable:,} ({100 * trainable / total:.4f}%)",
         f"global batch: {global_batch} (batch_size {cfg.batch_size} x data_parallel {world} x "
