@@ -170,7 +170,7 @@ class Tokenizer:
             return cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=eos, pad_token=pad,
                        add_bos=bool(cfg.get("add_bos_token", False)), chat_template=template,
                        extra_eos_ids=extra_eos, source=str(path))
-        raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or vocab.json + merges.txt found")
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model (nor vocab.json + merges.txt) found")
 
     @classmethod
     def from_sentencepiece(cls, model_file: str | Path) -> "Tokenizer":
