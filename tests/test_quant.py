@@ -122,6 +122,15 @@ def test_4bit_equals_bitsandbytes(quant_type):
     assert torch.equal(blockwise.dequantize_4bit(theirs), bnb_f.dequantize_4bit(packed, state))
 
 
+@pytest.mark.skipif(bnb_f is None, reason="bitsandbytes is not installed for this platform")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_dequantization_path_gives_the_same_weight(double_quant):
+    """The path CUDA takes (bitsandbytes' kernel over petformers' stored blocks), run here on CPU."""
+    torch.manual_seed(8)
+    qw = FourBitWeight.quantize(torch.randn(80, 192) * 0.03, "nf4", double_quant)
+    assert torch.equal(qw.dequantize_fused(torch.float32), qw.dequantize(torch.float32))
+
+
 def test_int8_round_trip_and_bitsandbytes():
     torch.manual_seed(2)
     w = torch.randn(48, 80)

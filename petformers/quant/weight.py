@@ -79,7 +79,40 @@ class FourBitWeight(QuantizedWeight):
                                        self.absmax_scale, self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return blockwise.dequantize_4bit(self.quantized(), dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        if self.packed.is_cuda and fused_4bit_available():
+            return self.dequantize_fused(dtype)
+        return blockwise.dequantize_4bit(self.quantized(), dtype)
+
+    def dequantize_fused(self, dtype: torch.dtype) -> torch.Tensor:
+        """bitsandbytes' fused dequantization kernel (CUDA; on CPU its C kernel): the same blocks, the
+        same values (tests/test_quant.py compares them on CPU)."""
+        import bitsandbytes.functional as bnb
+
+        nested = None
+        if self.double_quant:
+            nested = bnb.QuantState(absmax=self.absmax_scale, code=blockwise.dynamic_code_8bit(self.packed.device),
+                                    blocksize=blockwise.BLOCK_ABSMAX, dtype=torch.float32)
+        state = bnb.QuantState(
+            absmax=self.absmax, shape=torch.Size(self.shape), code=blockwise.code_4bit(self.format, self.packed.device),
+            blocksize=self.blocksize, quant_type=self.format, dtype=torch.float32,
+            offset=None if nested is None else self.absmax_offset.reshape(()), state2=nested)
+        return bnb.dequantize_4bit(self.packed.view(-1, 1), state).to(dtype)
+
+
+_FUSED: bool | None = None
+
+
+def fused_4bit_available() -> bool:
+    """bitsandbytes importable (it brings a fused CUDA dequantization kernel)."""
+    global _FUSED
+    if _FUSED is None:
+        try:
+            import bitsandbytes.functional  # noqa: F401
+            _FUSED = True
+        except Exception:  # not installed, or no build for this platform
+            _FUSED = False
+    return _FUSED
 
 
 class Int8Weight(QuantizedWeight):
