@@ -420,3 +420,21 @@ def test_adapter_over_quantized_base_exports_merged_and_loads_in_peft(tmp_path, 
     assert isinstance(served.layers[0].attention.wq, LoRALinear) and served.layers[0].attention.wq.is_quantized
     with torch.no_grad():
         assert torch.equal(served(ids), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_families_with_biases_and_qk_norms_load_quantized(tmp_path, family):
+    """Qwen2's q/k/v biases and Qwen3's q/k RMSNorms stay float beside the quantized weights."""
+    from family_models import write_family
+
+    from petformers.checkpoint.load import load_pretrained
+
+    model_dir = write_family(tmp_path / family, family)
+    config = QuantConfig.from_keys(4)
+    model, _ = load_pretrained(model_dir, with_tokenizer=False, quantization=config)
+    reference = quantize_model(load_pretrained(model_dir, with_tokenizer=False)[0], config)
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, QuantLinear) and (wq.bias is not None) == (family == "qwen2")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))
