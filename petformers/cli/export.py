@@ -1,6 +1,8 @@
-"""`petformers export merge`: base checkpoint + LoRA adapter -> a merged Hugging Face model directory.
+"""`petformers export`: a fine-tune in the formats other tools load.
 
     petformers export merge --load_checkpoint BASE --adapter DIR --output_dir OUT [--dtype bfloat16]
+    petformers export gguf --load_checkpoint BASE [--adapter DIR] --output FILE.gguf --outtype q8_0
+    petformers export gguf-lora --load_checkpoint BASE --adapter DIR --output FILE.gguf
 
 The output (config.json, safetensors shards of at most 5 GB with an index, tokenizer files,
 generation_config.json) loads in transformers, vLLM and llama.cpp's converter like any Llama.
@@ -39,6 +41,32 @@ def register(subparsers):
     add_quantization_args(merge)  # an adapter trained over a quantized base merges into that base, dequantized
     merge.set_defaults(func=run_merge)
 
+    from petformers.checkpoint.gguf_quants import OUTTYPES
+
+    gguf = kinds.add_parser(
+        "gguf", help="write the (merged) model as one GGUF file for llama.cpp, Ollama, LM Studio",
+        description="Merge a LoRA adapter into its base model and write one GGUF file that llama.cpp loads "
+                    "(and an Ollama Modelfile beside it). Tensors of a GGUF base that the adapter does not "
+                    "change are copied block for block when --outtype keeps the base's type.")
+    gguf.add_argument("--load_checkpoint", required=True,
+                      help="the base model: a Hugging Face directory, Meta directory, GGUF file or known name")
+    gguf.add_argument("--adapter", help="the adapter directory (PEFT format); without it the base is converted")
+    gguf.add_argument("--output", required=True, help="the GGUF file to write")
+    gguf.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
+                      help="tensor type of the 2-D weights (default f16); norms stay float32")
+    gguf.add_argument("--no_modelfile", action="store_true", help="do not write an Ollama Modelfile beside it")
+    gguf.set_defaults(func=run_gguf)
+
+    lora = kinds.add_parser(
+        "gguf-lora", help="write the LoRA adapter alone in llama.cpp's adapter format",
+        description="Write a LoRA adapter as a GGUF adapter for `llama-cli -m BASE.gguf --lora FILE.gguf`.")
+    lora.add_argument("--load_checkpoint", required=True, help="the base model the adapter was trained on")
+    lora.add_argument("--adapter", required=True, help="the adapter directory (PEFT format)")
+    lora.add_argument("--output", required=True, help="the GGUF file to write")
+    lora.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                      help="tensor type of the adapter matrices (default f32)")
+    lora.set_defaults(func=run_gguf_lora)
+
 
 def run_merge(args: argparse.Namespace) -> int:
     from petformers.checkpoint.hf import save_model_dir
@@ -59,4 +87,24 @@ def run_merge(args: argparse.Namespace) -> int:
     save_model_dir(model.state_dict(), model.config, out, tokenizer=tokenizer,
                    max_shard_bytes=int(args.max_shard_size_gb * 1024**3), dtype=dtype)
     log.info("wrote merged model to %s", out)
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from petformers.checkpoint.gguf_export import export_gguf
+
+    result = export_gguf(args.load_checkpoint, args.adapter, args.output, args.outtype,
+                         modelfile=not args.no_modelfile)
+    print(f"{args.output}: {result['bytes'] / 1e6:.1f} MB, {args.outtype}; chat with it: "
+          f"llama-cli -m {args.output} -cnv" + (f"; or: ollama create NAME -f {result['modelfile']}"
+                                                if result.get("modelfile") else ""))
+    return 0
+
+
+def run_gguf_lora(args: argparse.Namespace) -> int:
+    from petformers.checkpoint.gguf_export import export_gguf_lora
+
+    result = export_gguf_lora(args.load_checkpoint, args.adapter, args.output, outtype=args.outtype)
+    print(f"{args.output}: {result['bytes'] / 1e6:.1f} MB LoRA adapter; use it: "
+          f"llama-cli -m {args.load_checkpoint} --lora {args.output} -cnv")
     return 0
