@@ -1,0 +1,295 @@
+"""GGUF export (`petformers export gguf` / `gguf-lora`), checked by llama.cpp itself and by
+transformers' GGUF reader: tiny random models of each family here, the real SmolLM2 in
+test_gguf_export_smollm2.py. Quantizers are checked against the gguf package and llama.cpp."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import llamacpp
+from conftest import write_tiny_llama
+from petformers.checkpoint import gguf_quants, gguf_write
+from petformers.checkpoint.load import load_pretrained
+from petformers.pet import PetConfig, apply_lora, lora_state_dict, save_peft_adapter
+
+needs_llamacpp = pytest.mark.skipif(llamacpp.unavailable_reason() is not None,
+                                    reason=str(llamacpp.unavailable_reason()))
+MIXED_TEXT = "Hello wörld! 你好，世界。 Emoji 🎉🚀 and عربى text\n  <|im_start|>user\nnew line 12345"
+IDS = [5, 17, 301, 42, 9, 77, 130, 2, 64, 18]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "petformers", *args], capture_output=True, text=True)
+
+
+def make_adapter(model_dir: Path, out: Path, **pet) -> tuple[Path, torch.Tensor]:
+    """A LoRA adapter with non-zero B (random), saved in PEFT format, and the merged model's logits."""
+    from petformers.pet import merge_and_unload
+
+    model = load_pretrained(model_dir, with_tokenizer=False)[0]
+    config = PetConfig(**({"lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear"} | pet))
+    apply_lora(model, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in lora_state_dict(model).items():
+            t.add_(torch.randn(t.shape, generator=g) * 0.1)
+    save_peft_adapter(model, config, out, str(model_dir))
+    with torch.no_grad():
+        logits = merge_and_unload(model).eval()(torch.tensor([IDS]))[0]
+    return out, logits
+
+
+# ---- quantizers --------------------------------------------------------------------------------
+
+def _test_matrix(rows=48, cols=512, seed=0) -> np.ndarray:
+    x = (np.random.default_rng(seed).standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    x[0, :256] = 0  # an all-zero block
+    x[1, :16] = 0  # an all-zero sub-block
+    x[2, :] = 0.01  # a constant row
+    x[3, 7] = 3.0  # an outlier
+    return x
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantizer_equals_gguf_package(qtype):
+    import gguf
+
+    x = _test_matrix()
+    ours = gguf_quants.quantize(x, qtype)
+    theirs = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+    assert ours.tobytes() == theirs.tobytes()
+    assert ours.nbytes == gguf_quants.nbytes(qtype, x.shape)
+
+
+def _ggml_quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+    """llama.cpp's own quantizer (ggml_quantize_chunk, no importance matrix)."""
+    import ctypes
+
+    import gguf
+
+    L = llamacpp.lib()
+    L.ggml_quantize_chunk.restype = ctypes.c_size_t
+    L.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    t = int(gguf.GGMLQuantizationType[qtype])
+    L.ggml_quantize_init(t)
+    out = np.zeros(gguf_quants.nbytes(qtype, x.shape), np.uint8)
+    x = np.ascontiguousarray(x, np.float32)
+    n = L.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
+    assert n == out.nbytes
+    return out
+
+
+@needs_llamacpp
+def test_q4_k_equals_llamacpp_bit_for_bit():
+    x = _test_matrix(rows=64)
+    assert gguf_quants.quantize(x, "Q4_K").tobytes() == _ggml_quantize(x, "Q4_K").tobytes()
+
+
+@needs_llamacpp
+def test_q6_k_matches_llamacpp():
+    """Q6_K: the same blocks as llama.cpp but for rare ties of its float search (< 2% of blocks),
+    and then the same error."""
+    import gguf
+
+    x = _test_matrix(rows=64)
+    ours = gguf_quants.quantize(x, "Q6_K").reshape(-1, 210)
+    ref = _ggml_quantize(x, "Q6_K").reshape(-1, 210)
+    differing = (ours != ref).any(axis=1).mean()
+    assert differing < 0.02, differing
+    err = lambda q: float(np.abs(gguf.quants.dequantize(q.reshape(-1), gguf.GGMLQuantizationType.Q6_K)  # noqa
+                                 .reshape(x.shape) - x).mean())
+    assert err(ours) <= err(ref) * 1.001
+
+
+def test_k_quant_error_ranks_between_legacy_types():
+    """Dequantized by the gguf package: Q4_K beats Q4_0 and Q6_K beats Q5_1, as in llama.cpp."""
+    import gguf
+
+    x = _test_matrix(rows=64, seed=1)
+    x[3, 7] = 0.0
+
+    def rel_rmse(q):
+        y = gguf.quants.dequantize(gguf_quants.quantize(x, q), gguf.GGMLQuantizationType[q]).reshape(x.shape)
+        return float(np.sqrt(((y - x) ** 2).mean() / (x ** 2).mean()))
+
+    assert rel_rmse("Q4_K") < rel_rmse("Q4_0")
+    assert rel_rmse("Q6_K") < rel_rmse("Q5_1")
+    assert rel_rmse("Q6_K") < 0.03
+
+
+def test_fallback_types_for_rows_that_do_not_split_into_blocks():
+    assert gguf_quants.usable_type("Q4_K", 576) == "Q5_0"  # SmolLM2's hidden size: as llama-quantize
+    assert gguf_quants.usable_type("Q6_K", 576) == "Q8_0"
+    assert gguf_quants.usable_type("Q4_K", 1536) == "Q4_K"
+    assert gguf_quants.usable_type("Q4_0", 48) == "F16"
+
+
+def test_permutation_is_the_inverse_of_the_readers():
+    from petformers.checkpoint.gguf_file import _unpermute
+
+    w = torch.randn(4 * 16, 8)
+    assert not torch.equal(gguf_write.permute_rows(w, 4), w)
+    assert torch.equal(_unpermute(gguf_write.permute_rows(w, 4), 4), w)
+
+
+# ---- tiny models: every outtype, llama.cpp and transformers read them --------------------------
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_model_dir, tmp_path_factory):
+    """A tiny Llama + LoRA adapter (non-zero B on every linear layer), exported as f32 by the CLI."""
+    out = tmp_path_factory.mktemp("gguf_tiny")
+    adapter, merged_logits = make_adapter(tiny_model_dir, out / "adapter")
+    gguf_file = out / "tiny-f32.gguf"
+    r = cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(adapter),
+            "--output", str(gguf_file), "--outtype", "f32")
+    assert r.returncode == 0, r.stderr
+    assert "llama-cli -m" in r.stdout
+    return gguf_file, adapter, merged_logits
+
+
+@needs_llamacpp
+def test_tiny_f32_llamacpp_logits_equal_merged_model(tiny_export):
+    gguf_file, _, merged = tiny_export
+    with llamacpp.Model(gguf_file) as m:
+        logits = m.logits(IDS)
+    assert np.abs(logits - merged.numpy()).max() < 1e-4
+
+
+def test_tiny_f32_transformers_reads_it(tiny_export, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, _, merged = tiny_export
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([IDS])).logits[0]
+    assert (logits - merged).abs().max() < 1e-4
+    from tokenizers import Tokenizer
+
+    source = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    assert tok.encode(MIXED_TEXT, add_special_tokens=False) == source
+
+
+@needs_llamacpp
+def test_tiny_tokenizer_and_template_read_back_by_llamacpp(tiny_export, tiny_model_dir):
+    from conftest import CHATML_TEMPLATE
+    from tokenizers import Tokenizer
+
+    gguf_file, _, _ = tiny_export
+    source = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids
+    assert len(source) > 20
+    with llamacpp.Model(gguf_file) as m:
+        assert m.tokenize(MIXED_TEXT) == source
+        assert m.chat_template() == CHATML_TEMPLATE
+        assert m.meta("tokenizer.ggml.pre") == "gpt-2"
+        assert m.meta("general.file_type") == "0"
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q4_k_m",
+                                     "q6_k"])
+def test_tiny_every_outtype_loads_and_stays_close(tiny_export, tiny_model_dir, tmp_path, outtype):
+    """Each outtype loads in llama.cpp; its logits stay near f32's, by a bound per bit width."""
+    import gguf
+
+    gguf_file, adapter, merged = tiny_export
+    out = tmp_path / f"tiny-{outtype}.gguf"
+    from petformers.checkpoint.gguf_export import export_gguf
+
+    result = export_gguf(tiny_model_dir, adapter, out, outtype, modelfile=False, progress=False)
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    want = gguf_quants.usable_type(gguf_quants.OUTTYPES[outtype].qtype, 64)
+    assert types["blk.0.attn_q.weight"] == want, (types, result)
+    with llamacpp.Model(out) as m:
+        logits = m.logits(IDS)
+    err = np.abs(logits - merged.numpy()).max() / np.abs(merged.numpy()).max()
+    bound = {"f16": 2e-3, "bf16": 3e-2, "q8_0": 3e-2}.get(outtype, 0.25)
+    assert err < bound, err
+
+
+@needs_llamacpp
+def test_tiny_gguf_lora_in_llamacpp_equals_merged(tiny_model_dir, tmp_path):
+    """gguf-lora over a base GGUF computes what the merged model computes, with per-module ranks and
+    alphas (folded into B) and rsLoRA scaling."""
+    adapter, merged = make_adapter(tiny_model_dir, tmp_path / "adapter", lora_rank=4, lora_alpha=8,
+                                   rank_pattern={"wv": 2}, alpha_pattern={"wo": 3.0}, use_rslora=True)
+    base = tmp_path / "base.gguf"
+    assert cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--output", str(base),
+               "--outtype", "f32").returncode == 0
+    lora = tmp_path / "lora.gguf"
+    r = cli("export", "gguf-lora", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(adapter),
+            "--output", str(lora))
+    assert r.returncode == 0, r.stderr
+    import gguf
+
+    reader = gguf.GGUFReader(str(lora))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 8.0
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}  # GGUF order: ne[0] first
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 4) and shapes["blk.0.attn_q.weight.lora_b"] == (4, 64)
+    assert shapes["blk.1.attn_v.weight.lora_a"] == (64, 2)
+    with llamacpp.Model(base) as m:
+        plain = m.logits(IDS)
+    with llamacpp.Model(base, lora=lora) as m:
+        adapted = m.logits(IDS)
+    assert np.abs(plain - merged.numpy()).max() > 1e-2  # the adapter matters
+    assert np.abs(adapted - merged.numpy()).max() < 1e-4
+
+
+def test_gguf_lora_refuses_dora_in_one_line(tiny_model_dir, tmp_path):
+    adapter, _ = make_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
+    r = cli("export", "gguf-lora", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(adapter),
+            "--output", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("petformers: error:")]
+    assert len(errors) == 1 and "DoRA" in errors[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bad_outtype_and_missing_adapter_are_one_line(tiny_model_dir, tmp_path):
+    r = cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--output", str(tmp_path / "x.gguf"),
+            "--outtype", "q3_k")
+    assert r.returncode == 2 and "q3_k" in r.stderr and "Traceback" not in r.stderr
+    r = cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"),
+            "--output", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+
+
+@needs_llamacpp
+def test_llama3_rope_scaling_written_as_rope_freqs(tiny_tokenizer_dir, tmp_path):
+    """Llama 3.1 rope scaling becomes llama.cpp's rope_freqs tensor: logits match beyond the
+    original context only if the factors are right."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    model_dir = write_tiny_llama(tmp_path / "m", rope_scaling=scaling, tokenizer_dir=tiny_tokenizer_dir)
+    out = tmp_path / "r.gguf"
+    assert cli("export", "gguf", "--load_checkpoint", str(model_dir), "--output", str(out),
+               "--outtype", "f32").returncode == 0
+    model = load_pretrained(model_dir, with_tokenizer=False)[0]
+    ids = list(range(5, 69))  # 64 positions, 4x the original context
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].numpy()
+    with llamacpp.Model(out) as m:
+        assert np.abs(m.logits(ids) - ref).max() < 1e-4
+
+
+def test_modelfile_for_chatml(tiny_export):
+    gguf_file, _, _ = tiny_export
+    text = (gguf_file.parent / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{gguf_file.name}\n")
+    assert "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>" in text
+    assert "<|im_start|>assistant\n\"\"\"" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert "SYSTEM" not in text  # the tiny ChatML template has no default system prompt
