@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.slow,
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED_TEXT = "Hello wörld! 你好，世界。 Emoji 🎉🚀👍🏽 and numbers 1234567 <|im_start|>user\n  tabs\tend"
+B_STD = 0.05  # the adapter's B: strong enough to change greedy continuations, not to break the model
 PLAIN_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
 
 
@@ -44,12 +45,13 @@ def smol(smollm2_gguf, tmp_path_factory):
     with torch.no_grad():
         base_logits = model(torch.tensor([prompt_ids[0]]))[0].numpy()
     config = PetConfig(lora_rank=8, lora_alpha=16, target_modules=["wq", "wk", "wv", "wo"])  # attention only
+    torch.manual_seed(0)  # A's initialisation
     apply_lora(model, config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g) * B_STD)
     save_peft_adapter(model, config, out / "adapter", str(smollm2_gguf))
     touched = touched_parameters(model)
     model = merge_and_unload(model).eval()
@@ -87,8 +89,12 @@ def test_f32_in_transformers_logits_and_greedy_equal_petformers(smol):
             ref = smol.model(torch.tensor([ids]))[0]
             logits = hf(torch.tensor([ids])).logits[0]
             assert (logits - ref).abs().max() < 1e-3
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        assert out[0, len(ids):].tolist() == greedy(smol.model, ids, 8)
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        want = greedy(smol.model, ids, 8)
+        eos = smol.tokenizer.eos_ids
+        if any(t in eos for t in want):  # transformers stops after the first end-of-turn token
+            want = want[:min(want.index(t) for t in eos if t in want) + 1]
+        assert out == want
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])

@@ -8,17 +8,22 @@ from pathlib import Path
 
 import torch
 
-from petformers.checkpoint import gguf_quants, gguf_write
+from petformers.checkpoint import download, gguf_file, gguf_quants, gguf_write
+from petformers.checkpoint.load import detect_format, load_config, load_pretrained
+from petformers.checkpoint.materialize import materialize
+from petformers.checkpoint.ollama import write_modelfile
 from petformers.errors import CheckpointError
+from petformers.models.llama import build_model
+from petformers.pet import load_peft_adapter, merge_and_unload
+from petformers.pet.lora import LoRALinear
+from petformers.pet.module_to_save import ModuleToSave
+from petformers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def touched_parameters(model: torch.nn.Module) -> set[str]:
     """Names (after merging) of the parameters an injected adapter changes."""
-    from petformers.pet.lora import LoRALinear
-    from petformers.pet.module_to_save import ModuleToSave
-
     out = set()
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -32,9 +37,6 @@ def touched_parameters(model: torch.nn.Module) -> set[str]:
 
 def source_reader(path_or_name):
     """The GGUF reader of a GGUF base, else None (opened once: parsing a 49k-token vocabulary takes seconds)."""
-    from petformers.checkpoint import download, gguf_file
-    from petformers.checkpoint.load import detect_format
-
     path = download.resolve(path_or_name)
     if detect_format(path) != "gguf":
         return None
@@ -43,12 +45,6 @@ def source_reader(path_or_name):
 
 def load_base(path_or_name, reader=None):
     """(model float32, tokenizer) of any checkpoint; a GGUF base is read through `reader`, not reopened."""
-    from petformers.checkpoint import gguf_file
-    from petformers.checkpoint.load import load_pretrained
-    from petformers.checkpoint.materialize import materialize
-    from petformers.models.llama import build_model
-    from petformers.tokenizer import Tokenizer
-
     if reader is None:
         return load_pretrained(path_or_name, dtype=torch.float32)
     source = str(reader.data.filename) if hasattr(reader.data, "filename") else str(path_or_name)
@@ -87,8 +83,6 @@ def export_merged(model: torch.nn.Module, tokenizer, output, outtype: str, *, re
 
 
 def ollama_modelfile(gguf_path: Path, tokenizer) -> Path:
-    from petformers.checkpoint.ollama import write_modelfile
-
     path = write_modelfile(gguf_path, tokenizer)
     log.info("wrote %s (ollama create NAME -f %s)", path, path)
     return path
@@ -96,8 +90,6 @@ def ollama_modelfile(gguf_path: Path, tokenizer) -> Path:
 
 def export_gguf(base, adapter, output, outtype: str, *, modelfile: bool = True, progress: bool = True) -> dict:
     """`petformers export gguf`: load BASE, merge ADAPTER (if any) into it, write the GGUF."""
-    from petformers.pet import load_peft_adapter, merge_and_unload
-
     if outtype not in gguf_quants.OUTTYPES:
         raise CheckpointError(f"--outtype {outtype!r} is not supported; use one of {', '.join(gguf_quants.OUTTYPES)}")
     reader = source_reader(base)
@@ -116,10 +108,6 @@ def export_gguf(base, adapter, output, outtype: str, *, modelfile: bool = True, 
 def export_gguf_lora(base, adapter, output, *, outtype: str = "f32", progress: bool = True) -> dict:
     """`petformers export gguf-lora`: the adapter alone, in llama.cpp's LoRA format (needs BASE for
     the architecture and head counts of the q/k permutation; its weights are not read)."""
-    from petformers.checkpoint.load import load_config
-    from petformers.models.llama import build_model
-    from petformers.pet import load_peft_adapter
-
     types = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
     if outtype not in types:
         raise CheckpointError(f"--outtype {outtype!r} is not supported for a LoRA adapter; use one of "

@@ -23,6 +23,8 @@ import torch
 
 from petformers.checkpoint import gguf_quants
 from petformers.errors import CheckpointError
+from petformers.pet.lora import LoRALinear
+from petformers.pet.module_to_save import ModuleToSave
 
 log = logging.getLogger(__name__)
 
@@ -453,9 +455,6 @@ def plan_lora(model: torch.nn.Module, alpha: float, dtype: str = "F32") -> list[
     """llama.cpp's LoRA tensors: `<weight>.lora_a` [r, in] and `.lora_b` [out, r] (numpy order), B's
     rows permuted like the weight's. llama.cpp scales by alpha / r with one alpha per file: a module
     whose scaling differs (rank_pattern, alpha_pattern, rsLoRA) has it folded into B."""
-    from petformers.pet.lora import LoRALinear
-    from petformers.pet.module_to_save import ModuleToSave
-
     config = model.config
     family = family_of(config)
     planned = []

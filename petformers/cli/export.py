@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from petformers.checkpoint.gguf_export import export_gguf, export_gguf_lora
+from petformers.checkpoint.gguf_quants import OUTTYPES
 from petformers.models.config import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ def register(subparsers):
 
     add_quantization_args(merge)  # an adapter trained over a quantized base merges into that base, dequantized
     merge.set_defaults(func=run_merge)
-
-    from petformers.checkpoint.gguf_quants import OUTTYPES
 
     gguf = kinds.add_parser(
         "gguf", help="write the (merged) model as one GGUF file for llama.cpp, Ollama, LM Studio",
@@ -91,8 +91,6 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_gguf(args: argparse.Namespace) -> int:
-    from petformers.checkpoint.gguf_export import export_gguf
-
     result = export_gguf(args.load_checkpoint, args.adapter, args.output, args.outtype,
                          modelfile=not args.no_modelfile)
     print(f"{args.output}: {result['bytes'] / 1e6:.1f} MB, {args.outtype}; chat with it: "
@@ -102,8 +100,6 @@ def run_gguf(args: argparse.Namespace) -> int:
 
 
 def run_gguf_lora(args: argparse.Namespace) -> int:
-    from petformers.checkpoint.gguf_export import export_gguf_lora
-
     result = export_gguf_lora(args.load_checkpoint, args.adapter, args.output, outtype=args.outtype)
     print(f"{args.output}: {result['bytes'] / 1e6:.1f} MB LoRA adapter; use it: "
           f"llama-cli -m {args.load_checkpoint} --lora {args.output} -cnv")
