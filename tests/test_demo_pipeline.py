@@ -28,7 +28,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     assert code == 0  # a random tiny model does not meet the SmolLM2 targets: --no_targets reports them only
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
                  "loss.png", "metrics.jsonl", "run_summary.json", "report.html", "eval_before.json",
-                 "eval_after.json"):
+                 "eval_after.json", "gguf/run-q8_0.gguf", "gguf/Modelfile"):
         assert (run / name).exists(), name
     before = json.loads((run / "eval_before.json").read_text())
     assert {"exact_match", "rouge_l", "bleu4", "eval_loss"} <= set(before["metrics"])

@@ -124,6 +124,19 @@ def test_k_quant_error_ranks_between_legacy_types():
     assert rel_rmse("Q6_K") < 0.03
 
 
+def test_q4_k_m_mix_follows_llama_quantize():
+    """q4_k (llama-quantize's alias of Q4_K_M): Q6_K for attn_v / ffn_down in the 'more bits' layers
+    (first and last eighth, every third between), Q4_K elsewhere; q4_k_s: Q4_K throughout."""
+    m, s = gguf_quants.OUTTYPES["q4_k"], gguf_quants.OUTTYPES["q4_k_s"]
+    kinds = [gguf_write.choose_type(f"blk.{i}.ffn_down.weight", (256, 512), m, 32, False) for i in range(32)]
+    assert kinds[:4] == ["Q6_K"] * 4 and kinds[28:] == ["Q6_K"] * 4
+    assert kinds[4:10] == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    assert gguf_write.choose_type("blk.9.attn_q.weight", (256, 512), m, 32, False) == "Q4_K"
+    assert gguf_write.choose_type("blk.0.ffn_down.weight", (256, 512), s, 32, False) == "Q4_K"
+    assert gguf_write.choose_type("output.weight", (256, 512), s, 32, True) == "Q6_K"
+    assert gguf_write.choose_type("blk.0.attn_norm.weight", (512,), m, 32, False) == "F32"
+
+
 def test_fallback_types_for_rows_that_do_not_split_into_blocks():
     assert gguf_quants.usable_type("Q4_K", 576) == "Q5_0"  # SmolLM2's hidden size: as llama-quantize
     assert gguf_quants.usable_type("Q6_K", 576) == "Q8_0"
@@ -194,7 +207,7 @@ def test_tiny_tokenizer_and_template_read_back_by_llamacpp(tiny_export, tiny_mod
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q4_k_m",
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q4_k_s",
                                      "q6_k"])
 def test_tiny_every_outtype_loads_and_stays_close(tiny_export, tiny_model_dir, tmp_path, outtype):
     """Each outtype loads in llama.cpp; its logits stay near f32's, by a bound per bit width."""

@@ -33,8 +33,9 @@ OUTTYPES = {o.name: o for o in (
     OutType("q4_1", "Q4_1", "MOSTLY_Q4_1"),
     OutType("q5_0", "Q5_0", "MOSTLY_Q5_0"),
     OutType("q5_1", "Q5_1", "MOSTLY_Q5_1"),
-    OutType("q4_k", "Q4_K", "MOSTLY_Q4_K_S"),
+    OutType("q4_k", "Q4_K", "MOSTLY_Q4_K_M"),  # as in llama-quantize, Q4_K is an alias of the Q4_K_M mix
     OutType("q4_k_m", "Q4_K", "MOSTLY_Q4_K_M"),
+    OutType("q4_k_s", "Q4_K", "MOSTLY_Q4_K_S"),
     OutType("q6_k", "Q6_K", "MOSTLY_Q6_K"),
 )}
 

@@ -99,15 +99,16 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
 
 def choose_type(gguf_name: str, shape: tuple[int, ...], outtype: gguf_quants.OutType, n_layers: int,
                 is_output: bool) -> str:
-    """The GGML type of one tensor: 1-D tensors stay F32; the output matrix of low-bit types gets Q6_K
-    (as llama-quantize does); rows that do not split into blocks fall back as llama-quantize does."""
+    """The GGML type of one tensor, by llama-quantize's rules: 1-D tensors stay F32; the output matrix
+    of low-bit types gets Q6_K; the Q4_K_M mix gives attn_v and ffn_down Q6_K in the layers of
+    `_use_more_bits`; rows that do not split into blocks fall back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
     if len(shape) == 1:
         return "F32"
     qtype = outtype.qtype
     low_bit = outtype.name not in ("f32", "f16", "bf16", "q8_0")
     if low_bit and is_output:
         qtype = "Q6_K"
-    elif outtype.name == "q4_k_m":
+    elif outtype.file_type == "MOSTLY_Q4_K_M":  # q4_k and q4_k_m: more bits for attn_v / ffn_down
         parts = gguf_name.split(".")
         if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _use_more_bits(int(parts[1]), n_layers):
             qtype = "Q6_K"
