@@ -306,3 +306,47 @@ def test_modelfile_for_chatml(tiny_export):
     assert "<|im_start|>assistant\n\"\"\"" in text
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert "SYSTEM" not in text  # the tiny ChatML template has no default system prompt
+
+
+# ---- every family: llama.cpp, petformers' GGUF reader and gguf-lora agree with the merged model ----
+
+@needs_llamacpp
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
+def test_family_round_trip(family, tiny_tokenizer_dir, tmp_path):
+    """Tiny random models of each family (biases, q/k norms, explicit head_dim, rope scaling, tied
+    embeddings; see family_models.py) with a LoRA adapter on every linear layer."""
+    import gguf
+    from family_models import GGUF_ARCH, write_family
+
+    from petformers.checkpoint.gguf_export import export_gguf, export_gguf_lora
+
+    model_dir = write_family(tmp_path / family, family, tokenizer_dir=tiny_tokenizer_dir)
+    adapter, merged = make_adapter(model_dir, tmp_path / "adapter")
+    ids = IDS[:8]  # Mistral's window is 8 keys: llama.cpp has no sliding window, equal up to 8 tokens
+    merged = merged[:8]
+    out = tmp_path / f"{family}.gguf"
+    export_gguf(model_dir, adapter, out, "f32", modelfile=False, progress=False)
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == GGUF_ARCH[family]
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3")
+    assert ("output.weight" in names) == (family != "qwen2")  # qwen2 here ties its embeddings
+    assert ("rope_freqs.weight" in names) == (family == "llama3")
+    with llamacpp.Model(out) as m:
+        assert np.abs(m.logits(ids) - merged.numpy()).max() < 1e-4
+        assert m.tokenize(MIXED_TEXT) == source_tokens(model_dir)
+    petformers_model = load_pretrained(out, with_tokenizer=False)[0]  # petformers' own GGUF reader
+    with torch.no_grad():
+        assert (petformers_model(torch.tensor([ids]))[0] - merged).abs().max() < 1e-4
+    base, lora = tmp_path / "base.gguf", tmp_path / "lora.gguf"
+    export_gguf(model_dir, None, base, "f32", modelfile=False, progress=False)
+    export_gguf_lora(model_dir, adapter, lora, progress=False)
+    with llamacpp.Model(base, lora=lora) as m:
+        assert np.abs(m.logits(ids) - merged.numpy()).max() < 1e-4
+
+
+def source_tokens(model_dir: Path) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids

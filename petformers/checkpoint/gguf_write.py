@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from petformers.checkpoint import gguf_quants
-from petformers.errors import CheckpointError
+from petformers.errors import CheckpointError, ConfigError
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
 
@@ -55,10 +55,17 @@ FAMILIES = {
 
 
 def family_of(config) -> Family:
-    name = (getattr(config, "model_type", None) or getattr(config, "family", None) or "llama").lower()
+    """The GGUF layout of a model: its family as exports name it (`LlamaConfig.hf_family`)."""
+    try:
+        name = config.hf_family
+    except ConfigError as e:
+        raise CheckpointError(f"GGUF export: {e}") from None
     if name not in FAMILIES:
         raise CheckpointError(f"GGUF export of model family {name!r} is not supported "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
+    if getattr(config, "sliding_window", None):
+        log.warning("the model attends within a sliding window of %d keys; llama.cpp's %s attends to every "
+                    "key, so longer sequences will differ", config.sliding_window, FAMILIES[name].arch)
     return FAMILIES[name]
 
 
