@@ -1,9 +1,15 @@
 """The baseline of `make bench`: LoRA fine-tuning with transformers + peft, as a user would write it.
 
-A plain PyTorch loop: the model loaded by transformers (SDPA attention), PEFT's LoRA on q/k/v/o,
-each batch padded to its longest sample (dynamic padding), AdamW, cosine schedule with warmup,
-gradient clipping at 1.0. `--dtype bf16` wraps the forward pass and the loss in
+A plain PyTorch loop doing what HF Trainer does with a skilled user's settings: the model loaded by
+transformers (SDPA attention), PEFT's LoRA on q/k/v/o, micro-batches (`--micro-batch`, default 4)
+each padded to its longest sample (dynamic padding, DataCollatorForSeq2Seq's rule), accumulated over
+`--grad-accum` micro-batches (default 2) with the loss normalised by the trained tokens of the whole
+step (Trainer's `num_items_in_batch`), AdamW, cosine schedule with warmup, gradient clipping at 1.0.
+`--group-by-length` orders the samples with transformers' own `LengthGroupedSampler` over
+micro-batch x accumulation samples, as Trainer's `group_by_length=True` does, so rows of a batch have
+similar lengths and little padding. `--dtype bf16` wraps the forward pass and the loss in
 `torch.autocast(device, torch.bfloat16)`, the easiest speed setting transformers offers.
+`--eval-adapter DIR` only computes the held-out loss of a PEFT adapter written by another tool.
 
 Reads the conversations written by scripts/bench.py (OpenAI `messages` JSONL), renders each with
 the tokenizer's chat template, masks the prompt (label -100) and anything after the answer's
@@ -95,6 +101,31 @@ def batch_loss(model, batch: dict, autocast: bool) -> torch.Tensor:
         return model(**{k: v.to(DEVICE) for k, v in batch.items()}).loss
 
 
+def summed_loss(model, batch: dict, autocast: bool) -> torch.Tensor:
+    """The sum (not the mean) of the token losses of a micro-batch, so that micro-batches of one step can be
+    normalised together by the step's trained tokens, as Trainer does with `num_items_in_batch`."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE)).logits
+    labels = batch["labels"].to(DEVICE)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+
+
+def sample_order(lengths: list[int], step_samples: int, group_by_length: bool, rng: random.Random,
+                 generator: torch.Generator):
+    """Endless sample indices, one shuffled epoch after another: plain shuffling, or transformers'
+    LengthGroupedSampler (Trainer's `group_by_length`) over the samples of one optimizer step."""
+    while True:
+        if group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            yield from LengthGroupedSampler(step_samples, lengths=lengths, generator=generator)
+        else:
+            epoch = list(range(len(lengths)))
+            rng.shuffle(epoch)
+            yield from epoch
+
+
 def evaluate(model, samples, batch_size: int, pad_id: int, autocast: bool) -> float | None:
     """Mean token loss over held-out samples (the same samples for every run of the bench)."""
     if not samples:
@@ -111,6 +142,18 @@ def evaluate(model, samples, batch_size: int, pad_id: int, autocast: bool) -> fl
     return total / max(count, 1)
 
 
+def eval_adapter(model, tokenizer, args) -> int:
+    """The held-out loss of another tool's PEFT adapter over this model: the same samples and rule as ours."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(args.eval_adapter))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = [encode(tokenizer, m, args.seq_length) for m in read_conversations(args.eval_data)]
+    loss = evaluate(model, samples, args.micro_batch, pad_id, args.dtype == "bf16")
+    args.out.write_text(json.dumps({"eval_loss": loss, "adapter": str(args.eval_adapter)}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="training conversations (messages JSONL)")
@@ -119,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast bfloat16")
     ap.add_argument("--steps", type=int, default=32, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (batch-size / grad-accum)")
+    ap.add_argument("--group-by-length", action="store_true", help="Trainer's group_by_length sample order")
+    ap.add_argument("--eval-adapter", type=Path, help="only the held-out loss of this PEFT adapter directory")
     ap.add_argument("--seq-length", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -144,6 +190,8 @@ def main(argv=None) -> int:
         gguf = download("smollm2-135m-instruct")
     model, tokenizer = load_model(gguf)
     model.to(DEVICE)
+    if args.eval_adapter:
+        return eval_adapter(model, tokenizer, args)
     model = add_lora(model, args.rank, args.alpha, args.dropout)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -154,30 +202,33 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     warmup = int(round(args.warmup_ratio * args.steps))
-    order: list[int] = []
-    rng = random.Random(args.seed)
+    if args.batch_size % args.micro_batch:
+        raise SystemExit(f"bench_hf: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
+    order = sample_order([len(ids) for ids, _ in samples], args.batch_size, args.group_by_length,
+                         random.Random(args.seed), torch.Generator().manual_seed(args.seed))
     losses, step_seconds = [], []
     trained = real = positions = 0
     train_start = time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
-        while len(order) < args.batch_size:  # a new shuffled epoch when the current one runs out
-            epoch = list(range(len(samples)))
-            rng.shuffle(epoch)
-            order += epoch
-        chosen, order = order[:args.batch_size], order[args.batch_size:]
-        batch = pad_batch([samples[i] for i in chosen], pad_id)
+        chosen = [next(order) for _ in range(args.batch_size)]
+        micro = [pad_batch([samples[i] for i in chosen[k:k + args.micro_batch]], pad_id)
+                 for k in range(0, len(chosen), args.micro_batch)]
+        step_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * cosine_with_warmup(step, args.steps, warmup)
-        loss = batch_loss(model, batch, args.dtype == "bf16")
-        loss.backward()
+        step_loss = 0.0
+        for batch in micro:
+            loss = summed_loss(model, batch, args.dtype == "bf16") / step_trained
+            loss.backward()
+            step_loss += loss.detach().item()
+            real += int(batch["attention_mask"].sum())
+            positions += batch["input_ids"].numel()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
-        trained += int((batch["labels"][:, 1:] != IGNORE).sum())
-        real += int(batch["attention_mask"].sum())
-        positions += batch["input_ids"].numel()
+        losses.append(step_loss)
+        trained += step_trained
         step_seconds.append(time.perf_counter() - t0)
         print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} {step_seconds[-1]:.1f}s", file=sys.stderr,
               flush=True)
@@ -186,12 +237,13 @@ def main(argv=None) -> int:
             break
     train_s = time.perf_counter() - train_start
     stopped_early = len(losses) < args.steps
-    eval_loss = None if stopped_early else evaluate(model, eval_samples, args.batch_size, pad_id,
+    eval_loss = None if stopped_early else evaluate(model, eval_samples, args.micro_batch, pad_id,
                                                     args.dtype == "bf16")
 
     result = {
         "runner": "transformers + peft", "dtype": args.dtype, "steps": len(losses), "stopped_early": stopped_early,
-        "samples_per_step": args.batch_size, "threads": torch.get_num_threads(),
+        "samples_per_step": args.batch_size, "micro_batch": args.micro_batch,
+        "group_by_length": args.group_by_length, "threads": torch.get_num_threads(),
         "train_s": train_s, "trained_tokens": trained, "real_tokens": real, "computed_positions": positions,
         "trained_tokens_per_s": trained / train_s, "first_loss": losses[0], "final_loss": losses[-1],
         "losses": losses, "step_seconds": step_seconds, "eval_loss": eval_loss,

@@ -308,3 +308,51 @@ def test_fused_lora_update_equals_the_unfused_formula(shape, dropout):
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.lora_a.weight.grad, a.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.lora_b.weight.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_baseline_micro_batches_equal_one_batch_and_group_by_length_is_transformers_order():
+    """The transformers + peft peer as a skilled user runs it: 2 micro-batches of 4, each padded to its own
+    longest sample, with the summed token loss divided by the step's trained tokens, give the same loss
+    and gradients as the 8 samples in one padded batch (Trainer's num_items_in_batch rule); the
+    group_by_length order is transformers' own LengthGroupedSampler over the 8 samples of a step."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    bench_hf = _import_script("bench_hf")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).float()
+    rng = random.Random(0)
+    samples = []
+    for _ in range(8):
+        n = rng.randint(3, 20)
+        ids = [rng.randrange(1, 64) for _ in range(n)]
+        cut = rng.randint(1, n - 1)
+        samples.append((ids, [bench_hf.IGNORE] * cut + ids[cut:]))
+
+    def grads(batches):
+        model.zero_grad()
+        trained = sum(int((b["labels"][:, 1:] != bench_hf.IGNORE).sum()) for b in batches)
+        total = 0.0
+        for b in batches:
+            loss = bench_hf.summed_loss(model, b, autocast=False) / trained
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    whole, g_whole = grads([bench_hf.pad_batch(samples, 0)])
+    split, g_split = grads([bench_hf.pad_batch(samples[:4], 0), bench_hf.pad_batch(samples[4:], 0)])
+    assert abs(whole - split) < 1e-5
+    for a, b in zip(g_whole, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the mean over 2 separately averaged micro-batches (the rule this replaces) is not the same loss
+    halves = [bench_hf.summed_loss(model, bench_hf.pad_batch(s, 0), False).item()
+              / sum(int(t != bench_hf.IGNORE) for _, lab in s for t in lab[1:]) for s in (samples[:4], samples[4:])]
+    assert abs(sum(halves) / 2 - whole) > 1e-4
+
+    lengths = [len(ids) for ids, _ in samples] * 4
+    ours = bench_hf.sample_order(lengths, 8, True, random.Random(1), torch.Generator().manual_seed(3))
+    theirs = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(3)))
+    assert [next(ours) for _ in range(len(lengths))] == theirs
