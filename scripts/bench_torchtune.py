@@ -7,7 +7,8 @@ for: the Llama-3.2 LoRA component builder with SmolLM2's shapes (rope base 10000
 which leaves rope unscaled, tied embeddings), the HF checkpointer over the model saved by transformers
 from the GGUF, the same tokens as the other runs (pre-tokenized by scripts/bench_hf.py's `encode`, fed
 through torchtune's own `PackedDataset`, so packing and its block-causal masks are torchtune's), AdamW
-(fused), cosine schedule with warmup, chunked cross-entropy, clipping at 1.0, float32 on the CPU.
+(fused), cosine schedule with warmup, chunked cross-entropy, clipping at 1.0, on the CPU in float32, or in
+bf16 where the hardware has bf16 matrix instructions (`--dtype`, chosen by bench.py).
 
 Steps:  prepare (project venv: HF dir + tokens)  ->  `tune run` (torchtune venv)  ->  held-out loss of
 its PEFT-format adapter by scripts/bench_hf.py --eval-adapter (project venv, the same rule as the others).
@@ -164,7 +165,7 @@ def recipe_config(prep: dict, out: Path, args) -> dict:
         "gradient_accumulation_steps": args.grad_accum, "clip_grad_norm": 1.0, "compile": False,
         "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs")},
         "log_every_n_steps": 1, "log_peak_memory_stats": False,
-        "device": "cpu", "dtype": "fp32", "enable_activation_checkpointing": False,
+        "device": "cpu", "dtype": args.dtype, "enable_activation_checkpointing": False,
         "enable_activation_offloading": False, "profiler": {"_component_": "torchtune.training.setup_torch_profiler",
                                                             "enabled": False},
     }
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="torchtune's `dtype`")
     ap.add_argument("--work", type=Path, required=True, help="working directory")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
     args = ap.parse_args(argv)
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     result.update({"runner": f"torchtune {TORCHTUNE}", "peak_rss_mib": child["peak_rss_mib"],
                    "wall_s": child["wall_s"], "trained_tokens_per_s": result["trained_tokens"] / result["train_s"],
                    "first_loss": result["losses"][0], "final_loss": result["losses"][-1], "eval_loss": None,
-                   "config": str(cfg)})
+                   "config": str(cfg), "compute_dtype": "bfloat16" if args.dtype == "bf16" else "float32"})
     adapters = sorted((args.work / "run").glob("epoch_*/adapter_config.json"))
     if args.eval_data and adapters:
         adapter = adapters[-1].parent
