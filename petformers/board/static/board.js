@@ -191,8 +191,8 @@ function renderEval(ev) {
   const box = $("eval");
   box.replaceChildren();
   if (!ev.metrics.length && !ev.samples.length) {
-    box.append(el("p", {class: "muted", text: "No eval_before.json / eval_after.json in this run (make demo writes them; " +
-      "petformers run with run_mode eval and eval_generation writes one)."}));
+    box.append(el("p", {class: "muted", text: "No eval_before.json / eval_after.json in this run (make demo writes them: the base model's and " +
+      "the fine-tuned model's answers on the held-out set)."}));
     return;
   }
   if (ev.metrics.length) {
