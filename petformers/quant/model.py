@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from petformers.errors import ConfigError
 from petformers.quant.linear import QuantLinear
+from petformers.quant import gguf_blocks
 from petformers.quant.weight import FourBitWeight, Int8Weight, QuantizedWeight
 
 KEEP_FLOAT = ("lm_head",)  # linear layers that stay float (besides non-linear modules)
@@ -181,3 +182,26 @@ def base_weight_bytes(model: nn.Module, config: QuantConfig | None, dtype: torch
         if isinstance(m, QuantizedWeight):
             total += m.nbytes()
     return total
+
+
+KEYS = ("quantization_bit", "quantization_type", "double_quantization")  # model_config's names
+
+
+def quant_config_of(model_config: dict | None) -> QuantConfig | None:
+    """The run's quantization from its YAML model_config (None: a float base)."""
+    mc = model_config or {}
+    return QuantConfig.from_keys(mc.get("quantization_bit"), mc.get("quantization_type"),
+                                 mc.get("double_quantization"), where="model.model_config.")
+
+
+def gguf_tensor_bytes(path) -> dict[str, int]:
+    """Bytes of each block-quantized 2-D tensor of a GGUF file, by petformers name (for the dry run)."""
+    from petformers.checkpoint import gguf_file
+
+    reader = gguf_file.open_reader(path)
+    out = {}
+    for t in reader.tensors:
+        name = gguf_file.gguf_name(t.name)
+        if name is not None and gguf_blocks.is_block_type(t.tensor_type) and len(t.shape) == 2:
+            out[name] = int(t.n_bytes)
+    return out
