@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from petformers.errors import TokenizerError
+from petformers.jsonio import read_json
 
 
 class Tokenizer:
@@ -276,8 +277,6 @@ def _bpe_from_vocab_merges(path: Path, cfg: dict, specials: list[str | None]):
     if cls_name not in _QWEN2_CLASSES + _GPT2_CLASSES:
         raise TokenizerError(f"{path / 'tokenizer_config.json'}: tokenizer_class {cls_name!r} with vocab.json + "
                              "merges.txt is not supported (Qwen2Tokenizer, GPT2Tokenizer); pass a tokenizer.json")
-    from petformers.jsonio import read_json
-
     vocab = read_json(path / "vocab.json", TokenizerError)
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{path / 'vocab.json'}: not a token -> id mapping")

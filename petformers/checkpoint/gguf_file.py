@@ -21,6 +21,7 @@ import torch
 
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
+from petformers.models.llama import rope_inv_freq
 from petformers.quant import gguf_blocks
 
 _LAYER_NAMES = {
@@ -76,8 +77,6 @@ def rope_scaling_from_factors(config: LlamaConfig, factors: np.ndarray, source: 
     `original_max_position_embeddings`; the factors fix only the ratios of the last three, so
     low_freq_factor is taken as 1 and the others solved for (what Llama 3.1-3.3 use), then checked by
     recomputing every factor."""
-    from petformers.models.llama import rope_inv_freq
-
     plain = dataclasses.replace(config, rope_scaling=None)
     inv_freq = rope_inv_freq(plain).double().numpy()
     if factors.shape != inv_freq.shape:
