@@ -86,3 +86,18 @@ def test_enable_thinking_takes_true_or_false_only(tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["predict", "--load_checkpoint", str(tiny_model_dir), "--predict_data", "hi", "--enable_thinking", "maybe"])
     assert exc.value.code == 2 and "expected true or false" in capsys.readouterr().err
+
+
+def test_chat_honours_enable_thinking(qwen3_model):
+    """`petformers chat` (stdin/stdout) answers the first turn from the prompt rendered with enable_thinking=False."""
+    import subprocess
+    import sys
+
+    model, tok = load_pretrained(qwen3_model)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hi."}], True, enable_thinking=False))
+    expected = tok.decode(generate(model, [ids], GenerationConfig(max_new_tokens=6), tok.eos_ids, tok.pad_id)[0])
+    done = subprocess.run([sys.executable, "-m", "petformers", "chat", "--load_checkpoint", str(qwen3_model),
+                           "--enable_thinking", "false", "--max_new_tokens", "6", "--device", "cpu"],
+                          input="Say hi.\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"you> assistant> {expected}\nyou> ", done.stdout  # input()'s prompt goes to stdout
