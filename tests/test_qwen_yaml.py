@@ -99,6 +99,19 @@ def test_qwen25_yaml_fine_tunes_a_mindspore_ckpt_and_its_adapter_loads_in_peft(t
     assert yaml_cfg.hf_family == "qwen2" and yaml_cfg.to_hf()["architectures"] == ["Qwen2ForCausalLM"]
 
 
+def test_qwen25_yaml_with_a_hf_dir_or_a_gguf_takes_their_config(tiny_qwen, tmp_path, capsys):
+    """--load_checkpoint a Hugging Face directory or a GGUF: the checkpoint's own config (a Qwen2) decides."""
+    from family_models import write_gguf
+
+    tok_dir, model_dir, _ = tiny_qwen
+    cfg = tiny_yaml(tmp_path / "qwen.yaml", model_dir, tok_dir, tmp_path / "out")
+    gguf_file = write_gguf(tmp_path / "tiny.gguf", model_dir, "qwen2")
+    for checkpoint, source in ((model_dir, "hf"), (gguf_file, "gguf")):
+        assert main(["run", "--config", str(cfg), "--load_checkpoint", str(checkpoint), "--dry_run"]) == 0
+        out = capsys.readouterr().out
+        assert f"(config from {source})" in out and "family: qwen2 (q/k/v bias, tied embeddings, theta 1e+06)" in out
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_mindspore_ckpt_round_trip_keeps_biases_norms_and_the_architecture(family, tmp_path):
     """HF -> MindSpore .ckpt -> HF (convert --config YAML): q/k/v biases (Qwen2) and q/k norms (Qwen3) survive,
