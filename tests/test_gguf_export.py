@@ -298,6 +298,33 @@ def test_llama3_rope_scaling_written_as_rope_freqs(tiny_tokenizer_dir, tmp_path)
         assert np.abs(m.logits(ids) - ref).max() < 1e-4
 
 
+def test_modelfile_templates_by_family():
+    from types import SimpleNamespace
+
+    from petformers.checkpoint.ollama import modelfile_text
+
+    llama3 = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>"
+              "\n\nCutting Knowledge Date: December 2023<|eot_id|>{% endif %}{% for m in messages %}"
+              "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    ids = {"<|eot_id|>": 9, "<|end_of_text|>": 8, "</s>": 2}
+    tok = SimpleNamespace(chat_template=llama3, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                          eos_ids=[8, 9], id_to_token={v: k for k, v in ids.items()}.get)
+    text = modelfile_text("m.gguf", tok)
+    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in text
+    assert 'SYSTEM """Cutting Knowledge Date: December 2023"""' in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text and 'PARAMETER stop "<|end_of_text|>"' in text
+    inst = "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}" \
+           "{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    tok = SimpleNamespace(chat_template=inst, bos_token="<s>", eos_token="</s>", eos_ids=[2],
+                          id_to_token={2: "</s>"}.get)
+    text = modelfile_text("m.gguf", tok)
+    assert "[INST] " in text and "SYSTEM" not in text and 'PARAMETER stop "</s>"' in text
+    tok = SimpleNamespace(chat_template="{{ messages }}", bos_token="<s>", eos_token="</s>", eos_ids=[2],
+                          id_to_token={2: "</s>"}.get)
+    assert "TEMPLATE" not in modelfile_text("m.gguf", tok)  # unknown format: Ollama uses the GGUF's own
+
+
 def test_modelfile_for_chatml(tiny_export):
     gguf_file, _, _ = tiny_export
     text = (gguf_file.parent / "Modelfile").read_text()

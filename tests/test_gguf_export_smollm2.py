@@ -4,6 +4,7 @@ loaded back by llama.cpp (the real client) and by transformers' GGUF reader."""
 from __future__ import annotations
 
 import importlib.util
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,8 +59,13 @@ def smol(smollm2_gguf, tmp_path_factory):
     files = {}
     for outtype in ("f32", "f16", "q8_0", "q4_0", "q4_k", "q4_1"):
         files[outtype] = out / f"smollm2-{outtype}.gguf"
+        if outtype == "q8_0":
+            tracemalloc.start()  # numpy's allocations while the file is written (the model is torch's)
         files[outtype + "_result"] = export_merged(model, tokenizer, files[outtype], outtype, reader=reader,
                                                    touched=touched, modelfile=outtype == "f32", progress=False)
+        if outtype == "q8_0":
+            files["q8_0_peak"] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
     return SimpleNamespace(base=smollm2_gguf, reader=reader, model=model, tokenizer=tokenizer, files=files,
                            adapter=out / "adapter", prompts=prompt_ids, base_logits=base_logits, out=out)
 
@@ -68,6 +74,14 @@ def test_adapter_changes_the_model(smol):
     with torch.no_grad():
         merged = smol.model(torch.tensor([smol.prompts[0]]))[0].numpy()
     assert np.abs(merged - smol.base_logits).max() > 0.5
+
+
+def test_export_streams_tensor_by_tensor(smol):
+    """Writing q8_0 allocates about one tensor at a time, not a second copy of the model: the peak is
+    a few times the largest tensor (the 49152 x 576 embeddings), far below the model's float32 size."""
+    largest = 49152 * 576 * 4
+    model_bytes = sum(p.numel() * 4 for p in smol.model.parameters())
+    assert smol.files["q8_0_peak"] < 3 * largest < 0.7 * model_bytes, (smol.files["q8_0_peak"], largest)
 
 
 def test_f32_in_llamacpp_logits_and_greedy_equal_petformers(smol):
