@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
 APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench clean browser
+.PHONY: setup test demo bench clean browser faults
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
@@ -25,7 +25,17 @@ browser:
 setup: $(STAMP)
 
 test: $(STAMP) browser
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not faults"
+
+# The long fault-injection runs (docs/reliability.md): the tests marked `faults`, then the kill -9
+# campaign over more seeds (SEEDS=5 KILLS=20 by default); figures in output/faults.json.
+SEEDS ?= 5
+KILLS ?= 20
+faults: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m faults
+	@mkdir -p output
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/fault_campaign.py --seeds $(SEEDS) --kills $(KILLS) \
+		--json output/faults.json
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

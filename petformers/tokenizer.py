@@ -15,6 +15,7 @@ preparation, training-time evaluation, predict and chat all render the same prom
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -377,14 +378,93 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(left, right) for _, left, right in ranked]
 
 
+TEMPLATE_SECONDS = 5.0  # a chat template that renders longer than this is stopped (PETFORMERS_TEMPLATE_TIMEOUT)
+
+
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **tokens) -> str:
+    """The template rendered in jinja2's immutable sandbox (no access to Python internals, no mutation
+    of the messages), stopped with one line when it runs longer than PETFORMERS_TEMPLATE_TIMEOUT
+    seconds (a template from a downloaded tokenizer may loop for ever: sandboxed `range` is capped at
+    100,000, but nested loops are not)."""
     from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
 
     try:
-        return _compile_chat_template(template).render(messages=messages,
-                                                       add_generation_prompt=add_generation_prompt, **tokens)
+        with _time_limit():
+            return _compile_chat_template(template).render(messages=messages,
+                                                           add_generation_prompt=add_generation_prompt, **tokens)
+    except _TemplateTimeout:
+        raise TokenizerError(f"chat template stopped: still rendering after {_template_seconds():g} s "
+                             "(PETFORMERS_TEMPLATE_TIMEOUT); does it loop?") from None
+    except SecurityError as e:
+        raise TokenizerError(f"chat template refused: it reaches outside the sandbox ({e})") from None
     except TemplateError as e:
         raise TokenizerError(f"chat template failed: {e}") from None
+    except RecursionError:
+        raise TokenizerError("chat template failed: recursion too deep") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+def _template_seconds() -> float:
+    import os
+
+    try:
+        return float(os.environ.get("PETFORMERS_TEMPLATE_TIMEOUT", TEMPLATE_SECONDS))
+    except ValueError:
+        return TEMPLATE_SECONDS
+
+
+@contextlib.contextmanager
+def _time_limit():
+    """SIGALRM after the limit, in the main thread (elsewhere signals cannot interrupt; no limit there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _TemplateTimeout()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, _template_seconds())
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+MAX_TEMPLATE_VALUE = 1 << 20  # longest string / list a template may build with `*`, biggest `**` result (bits)
+
+
+def _bounded_sandbox():
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox, plus a bound on `*` and `**`: one expression must not allocate
+        gigabytes (`'x' * 10**10`) before the time limit can stop it."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and \
+                            len(seq) * times > MAX_TEMPLATE_VALUE:
+                        raise SecurityError(f"a repeated sequence of {len(seq)} x {times} items is too long")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                    abs(left) > 1 and right * max(abs(left), 2).bit_length() > MAX_TEMPLATE_VALUE:
+                raise SecurityError("the power is too large")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
 
 
 @functools.lru_cache(maxsize=8)
@@ -392,7 +472,7 @@ def _compile_chat_template(template: str):
     """Compiled once per template: compiling takes milliseconds, rendering microseconds (data prep renders 100k+)."""
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    _BoundedSandbox = _bounded_sandbox()
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -400,7 +480,7 @@ def _compile_chat_template(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

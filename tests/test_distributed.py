@@ -185,6 +185,51 @@ def test_a_damaged_shard_of_the_newest_sharded_checkpoint_falls_back_to_the_prev
     assert_same_adapter(adapter(reference), adapter(out))
 
 
+def killed_run(config: Path, out: Path, kill: str, *extra: str) -> subprocess.CompletedProcess:
+    """A 2-rank run whose rank 1 SIGKILLs itself at `kill` (petformers/faults.py); torchrun ends the job."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "petformers", "run", "--config", str(config), "--output_dir", str(out), "--use_parallel", "True",
+           "runner_config.batch_size=1", *extra]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV | {"PETFORMERS_KILL_AT": kill, "PETFORMERS_KILL_RANK": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-3000:]
+    return done
+
+
+def test_fsdp_rank_killed_inside_a_checkpoint_write_resumes_on_two_and_on_one_rank(config, reference, fsdp_run,
+                                                                                    tmp_path):
+    # Rank 1 dies right after writing its shard of the step-4 checkpoint, before rank 0 commits it.
+    out = tmp_path / "killed"
+    fsdp = ["parallel_strategy=fsdp", "recompute_config.recompute=True", *with_eval(config)]
+    killed_run(config, out, "checkpoint:2", *fsdp)
+    assert sorted(p.name for p in (out / "checkpoint").glob("step_*")) == ["step_00000002"]
+    assert not (out / "adapter").exists()
+    one = tmp_path / "one"
+    shutil.copytree(out, one)
+    done = torchrun(config, out, *fsdp, "--resume_training", "True")
+    assert "(step 2 of 4, saved by 2 rank(s))" in done.stderr and resumed_from(out) == 2
+    assert_same_adapter(adapter(fsdp_run), adapter(out), tol=0.0)  # same world size: bit for bit
+    single(config, one, "--resume_training", "True", *with_eval(config))
+    assert resumed_from(one) == 2
+    assert_same_adapter(adapter(reference), adapter(one))
+
+
+@pytest.mark.faults
+def test_ddp_rank_killed_after_a_step_resumes_on_two_and_on_one_rank(config, reference, tmp_path):
+    uninterrupted = tmp_path / "ddp"
+    torchrun(config, uninterrupted)
+    out = tmp_path / "killed"
+    killed_run(config, out, "step:3")  # after step 3: the step-2 checkpoint is the newest
+    one = tmp_path / "one"
+    shutil.copytree(out, one)
+    done = torchrun(config, out, "--resume_training", "True")
+    assert "(step 2 of 4, saved by 2 rank(s))" in done.stderr and resumed_from(out) == 2
+    assert_same_adapter(adapter(uninterrupted), adapter(out), tol=0.0)
+    single(config, one, "--resume_training", "True")
+    assert resumed_from(one) == 2
+    assert_same_adapter(adapter(reference), adapter(one))
+
+
 def test_one_rank_checkpoint_resumes_on_two_ranks(config, reference, tmp_path):
     out = interrupted_copy(reference, tmp_path / "out")
     done = torchrun(config, out, "parallel_strategy=fsdp", "--resume_training", "True")

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from petformers.distributed.env import DistEnv
 from petformers.errors import CheckpointError
+from petformers.faults import kill_point
 from petformers.train import checkpointing
 
 DCP_DIR = "dcp"
@@ -75,6 +76,7 @@ def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer, 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=_no_dist())
+    kill_point("checkpoint")
     whole = gather_full_state(model, trainable_only=True) if write_adapter is not None else {}
     if not env.is_main:
         return None

@@ -16,6 +16,7 @@ trainable tensors and optimizer state are a sharded `dcp/` directory instead, wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import torch
 
 from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import CheckpointError
+from petformers.faults import kill_point
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -73,9 +75,30 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
                     trainer_state: dict, keep_max: int, write_adapter=None, extra_json: dict | None = None) -> Path:
     """Write `root/step_{step}` atomically and prune to the newest `keep_max` checkpoints."""
     tmp = begin_checkpoint(root, step)
-    save_safetensors_atomic({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    kill_point("checkpoint")
+    with _no_partial(root, tmp, step):
+        save_safetensors_atomic({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        kill_point("checkpoint")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
     return commit_checkpoint(root, tmp, step, trainer_state, keep_max, write_adapter, extra_json)
+
+
+@contextlib.contextmanager
+def _no_partial(root: Path, tmp: Path, step: int):
+    """A write that fails (disk full, quota, file size limit, I/O error) removes the temp directory and
+    becomes one line naming the file; the previous checkpoints are untouched."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        where = getattr(e, "filename", None) or tmp
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CheckpointError(f"{where}: cannot write the step {step} checkpoint ({why}); nothing partial was "
+                              f"left; the last checkpoint, {previous[-1] if previous else 'none'}, is intact: free "
+                              "space and resume with --resume_training True") from None
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:
@@ -89,12 +112,27 @@ def begin_checkpoint(root: Path, step: int) -> Path:
 
 def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, keep_max: int, write_adapter=None,
                       extra_json: dict | None = None) -> Path:
-    """Add rng state, adapter, `extra_json` files ({name: object}) and trainer_state.json (last) to
-    `tmp`, fsync, rename it to `root/step_{step}` and prune to the newest `keep_max` checkpoints."""
+    """Add rng state, adapter, `extra_json` files ({name: object}), trainer_state.json and the manifest
+    (last) to `tmp`, fsync, rename it to `root/step_{step}` and prune to the newest `keep_max` checkpoints."""
     final = root / f"step_{step:08d}"
+    with _no_partial(root, tmp, step):
+        _write_rest(tmp, step, trainer_state, write_adapter, extra_json)
+        _put_in_place(tmp, final)
+        _fsync_dir(root)
+    kill_point("checkpoint")
+    for old in list_checkpoints(root)[:-keep_max] if keep_max > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+        kill_point("checkpoint")
+    return final
+
+
+def _write_rest(tmp: Path, step: int, trainer_state: dict, write_adapter, extra_json: dict | None):
+    kill_point("checkpoint")
     _torch_save(rng_state(), tmp / "rng_state.pt")
+    kill_point("checkpoint")
     if write_adapter is not None:
         write_adapter(tmp / "adapter")
+    kill_point("checkpoint")
     for name, obj in (extra_json or {}).items():
         with open(tmp / name, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2)
@@ -104,14 +142,21 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, kee
         json.dump(trainer_state | {"step": step}, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
+    kill_point("checkpoint")
     write_manifest(tmp)
+    kill_point("checkpoint")
     for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
         _fsync_dir(directory)
-    _put_in_place(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_max] if keep_max > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def remove_partial(root: Path) -> list[Path]:
+    """Delete what interrupted saves left in `root` (temp and set-aside directories); returns them.
+    Called once at the start of a run, before any save, by the one process that commits checkpoints."""
+    left = [p for p in root.glob(".tmp_step_*") if p.is_dir()] + [p for p in root.glob(".old_step_*") if p.is_dir()] \
+        if root.exists() else []
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    return left
 
 
 def _put_in_place(tmp: Path, final: Path):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked, timeout_error
 from petformers.distributed.parallel import clip_grad_norm
 from petformers.errors import ConfigError, TrainingError
+from petformers.faults import kill_point
 from petformers.models.config import parse_dtype
 from petformers.train import checkpointing
 from petformers.train.loss import chunked_cross_entropy_sum
@@ -132,6 +133,7 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
     per_rank = math.ceil(len(dataset) / env.world_size)
     with torch.no_grad():
         for start in tqdm(range(0, per_rank, batch_size), desc="eval", disable=not progress, leave=False):
+            kill_point("eval")
             chunk = indices[start:start + batch_size]
             batch = collate([dataset[i] for i in chunk or [0]], pad_id, packed, device)
             hidden = forward(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
@@ -200,6 +202,9 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
             save_peft_adapter(source, pet_config, path, getattr(model, "name_or_path", ""))
 
     start_step, history = 0, []
+    if env.is_main:
+        for left in checkpointing.remove_partial(ckpt_root):
+            log.info("petformers: removed %s, left by an interrupted save", left)
     if cfg.resume_training:
         good = checkpointing.latest_good_checkpoint(ckpt_root, warn=env.is_main)
         if good is not None:
@@ -282,6 +287,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                     float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            kill_point("step")
             done = step + 1
             trained_tokens_run += int(n_tokens.item())
             dt = time.perf_counter() - step_start
