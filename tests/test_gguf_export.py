@@ -278,6 +278,9 @@ def test_bad_outtype_and_missing_adapter_are_one_line(tiny_model_dir, tmp_path):
             "--output", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+    (tmp_path / "d").mkdir()
+    r = cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--output", str(tmp_path / "d"))
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_llamacpp

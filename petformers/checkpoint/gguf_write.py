@@ -330,9 +330,14 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable, tensors: list[Plan
     from tqdm import tqdm
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; --output names the .gguf file to write")
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
     try:
         add_metadata(writer)
         for t in tensors:
@@ -348,9 +353,11 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable, tensors: list[Plan
         fout = writer.fout[0]
         fout.flush()
         os.fsync(fout.fileno())
-    except BaseException:
+    except BaseException as e:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, permissions: one line, nothing partial left behind
+            raise CheckpointError(f"{path}: writing failed ({e.strerror or e}); nothing was written") from None
         raise
     writer.close()
     os.replace(tmp, path)
