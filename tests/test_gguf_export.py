@@ -283,6 +283,25 @@ def test_bad_outtype_and_missing_adapter_are_one_line(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):
+    """A write past RLIMIT_FSIZE (SIGXFSZ ignored) fails with EFBIG as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the f32 file is ~550 KB
+
+    out = tmp_path / "full.gguf"
+    r = subprocess.run([sys.executable, "-m", "petformers", "export", "gguf", "--load_checkpoint", str(tiny_model_dir),
+                        "--output", str(out), "--outtype", "f32", "--no_modelfile"],
+                       capture_output=True, text=True, preexec_fn=limited)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("petformers: error:")]
+    assert len(errors) == 1 and "full.gguf" in errors[0] and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @needs_llamacpp
 def test_llama3_rope_scaling_written_as_rope_freqs(tiny_tokenizer_dir, tmp_path):
     """Llama 3.1 rope scaling becomes llama.cpp's rope_freqs tensor: logits match beyond the
