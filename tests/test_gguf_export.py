@@ -393,6 +393,15 @@ def test_family_round_trip(family, tiny_tokenizer_dir, tmp_path):
     export_gguf_lora(model_dir, adapter, lora, progress=False)
     with llamacpp.Model(base, lora=lora) as m:
         assert np.abs(m.logits(ids) - merged.numpy()).max() < 1e-4
+    # The base's tensors are those of the converter-faithful reference writer of family_models.py.
+    from family_models import write_gguf
+
+    ref = gguf.GGUFReader(str(write_gguf(tmp_path / "ref.gguf", model_dir, GGUF_ARCH[family])))
+    ours = {t.name: t for t in gguf.GGUFReader(str(base)).tensors}
+    assert sorted(ours) == sorted(t.name for t in ref.tensors)
+    for t in ref.tensors:
+        assert ours[t.name].tensor_type == t.tensor_type and np.array_equal(np.asarray(ours[t.name].data),
+                                                                            np.asarray(t.data)), t.name
 
 
 def source_tokens(model_dir: Path) -> list[int]:

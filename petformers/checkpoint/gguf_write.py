@@ -149,6 +149,8 @@ def add_model_metadata(writer, config, family: Family, tokenizer_kv: Callable, n
     if config.head_dim * config.num_heads != config.hidden_size or family.arch != "llama":
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    if getattr(config, "sliding_window", None):  # written as llama.cpp's converter does (its llama ignores it)
+        writer.add_sliding_window(int(config.sliding_window))
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
