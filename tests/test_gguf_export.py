@@ -87,25 +87,29 @@ def _ggml_quantize(x: np.ndarray, qtype: str) -> np.ndarray:
 
 
 @needs_llamacpp
-def test_q4_k_equals_llamacpp_bit_for_bit():
-    x = _test_matrix(rows=64)
+def test_k_quants_equal_llamacpp_bit_for_bit():
+    x = _test_matrix(rows=64)  # zero block, zero sub-block, constant row, outlier
     assert gguf_quants.quantize(x, "Q4_K").tobytes() == _ggml_quantize(x, "Q4_K").tobytes()
+    assert gguf_quants.quantize(x, "Q6_K").tobytes() == _ggml_quantize(x, "Q6_K").tobytes()
 
 
 @needs_llamacpp
-def test_q6_k_matches_llamacpp():
-    """Q6_K: the same blocks as llama.cpp but for rare ties of its float search (< 2% of blocks),
-    and then the same error."""
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quants_agree_with_llamacpp(qtype):
+    """On weight-like data the blocks are llama.cpp's own in > 99% of cases (the rest are near-ties of
+    its float search that the compiled C rounds differently), and the error is the same."""
     import gguf
 
-    x = _test_matrix(rows=64)
-    ours = gguf_quants.quantize(x, "Q6_K").reshape(-1, 210)
-    ref = _ggml_quantize(x, "Q6_K").reshape(-1, 210)
-    differing = (ours != ref).any(axis=1).mean()
-    assert differing < 0.02, differing
-    err = lambda q: float(np.abs(gguf.quants.dequantize(q.reshape(-1), gguf.GGMLQuantizationType.Q6_K)  # noqa
-                                 .reshape(x.shape) - x).mean())
-    assert err(ours) <= err(ref) * 1.001
+    x = (np.random.default_rng(5).standard_normal((512, 1024)) * 0.02).astype(np.float32)
+    ours, ref = gguf_quants.quantize(x, qtype), _ggml_quantize(x, qtype)
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
+    differing = (ours.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1).mean()
+    assert differing < 0.01, differing
+
+    def err(q):
+        return float(np.abs(gguf.quants.dequantize(q.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(x.shape)
+                            - x).mean())
+    assert abs(err(ours) - err(ref)) <= 1e-3 * err(ref)
 
 
 def test_k_quant_error_ranks_between_legacy_types():

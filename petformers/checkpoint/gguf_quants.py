@@ -4,7 +4,7 @@ The `gguf` package (llama.cpp's own Python library) quantizes BF16, Q8_0, Q4_0, 
 those go through `gguf.quants.quantize` unchanged. It cannot quantize the K-quants (it only
 dequantizes them), so Q4_K and Q6_K are written here, vectorised over blocks with numpy, following
 llama.cpp's reference quantizers (`quantize_row_q4_K_ref`, `quantize_row_q6_K_ref` in ggml-quants.c)
-step for step; the tests check them against the gguf package's dequantizer and llama.cpp itself.
+step for step, float32 sums in C's order; the tests compare them with llama.cpp's own quantizer.
 """
 
 from __future__ import annotations
@@ -38,6 +38,18 @@ OUTTYPES = {o.name: o for o in (
     OutType("q4_k_s", "Q4_K", "MOSTLY_Q4_K_S"),
     OutType("q6_k", "Q6_K", "MOSTLY_Q6_K"),
 )}
+
+
+
+def check_outtype(value) -> str | None:
+    """A GGUF outtype from a config (None / false: no GGUF); ValueError names the choices."""
+    if value in (None, False, "", "none", "None"):
+        return None
+    name = str(value).lower()
+    if name not in OUTTYPES:
+        raise ValueError(f"must be one of {', '.join(OUTTYPES)}, got {value!r}")
+    return name
+
 
 # What llama.cpp's quantizer uses when a row length is not a multiple of the type's block size
 # (e.g. 576-wide SmolLM2 rows and the 256-wide K-quant blocks): `tensor_type_fallback` in llama-quant.cpp.
