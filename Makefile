@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
 APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench clean browser faults
+.PHONY: setup test demo bench clean browser faults llamacpp-runtime
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
@@ -22,9 +22,17 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "make browser: chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver) for the browser tests"; fi
 
+# llama.cpp (the xllamacpp wheel of the dev extra, for the GGUF export tests) links the system's OpenMP
+# runtime: Debian's libgomp1, installed only when missing.
+llamacpp-runtime:
+	@if ldconfig -p 2>/dev/null | grep -q 'libgomp\.so\.1 '; then :; \
+	elif [ -n "$(APT)" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgomp1 >/dev/null; \
+	else echo "make llamacpp-runtime: libgomp1 is missing; install it (apt-get install libgomp1) for the llama.cpp tests"; fi
+
 setup: $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) browser llamacpp-runtime
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not faults"
 
 # The long fault-injection runs (docs/reliability.md): the tests marked `faults`, then the kill -9

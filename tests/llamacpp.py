@@ -51,8 +51,8 @@ _silence = _LOG_CB(lambda level, text, data: None)
 def unavailable_reason() -> str | None:
     try:
         import xllamacpp
-    except ImportError:
-        return "llama.cpp is not installed (pip install 'xllamacpp==%s', part of the dev extra)" % PINNED
+    except ImportError as e:  # not installed, or its libgomp.so.1 missing (make llamacpp-runtime)
+        return f"llama.cpp cannot be loaded ({e}): pip install 'xllamacpp=={PINNED}' (dev extra), apt-get install libgomp1"
     version = getattr(xllamacpp, "__version__", "?")
     if version != PINNED:
         return f"xllamacpp {version} is installed; these tests declare llama.h of {PINNED}"
