@@ -12,7 +12,11 @@ import pytest
 from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig
 from petformers.pet.config import PetConfig
-from petformers.train.config import PATHS, RunConfig, apply_overrides, load_config, resolved_yaml
+from petformers.config.load import load_run_config as load_config
+from petformers.config.load import resolved_yaml
+from petformers.config.mindformers import PATHS
+from petformers.config.schema import DataSection, RunConfig
+from petformers.config.yamlio import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_YAML = ROOT / "configs" / "llama2" / "lora_llama2_7b.yaml"
@@ -48,32 +52,32 @@ def comparable(cfg: RunConfig) -> dict:
 
 def test_seed_config_values():
     cfg = load_config(str(SEED_YAML))
-    assert (cfg.epochs, cfg.batch_size, cfg.gradient_accumulation_steps) == (2, 2, 1)  # runner_config wins over 4
-    assert cfg.data_parallel == 8 and cfg.use_parallel is True
+    assert (cfg.runner.epochs, cfg.runner.batch_size, cfg.runner.gradient_accumulation_steps) == (2, 2, 1)  # runner_config wins over 4
+    assert cfg.parallel.data_parallel == 8 and cfg.parallel.use_parallel is True
     assert cfg.run_mode == "finetune" and cfg.seed == 0 and cfg.output_dir == "./output"
     assert cfg.load_checkpoint == "" and cfg.resume_training is False and cfg.auto_trans_ckpt is False
-    assert cfg.optimizer_type == "FP32StateAdamWeightDecay"
-    assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
-    assert cfg.lr_schedule_type == "CosineWithWarmUpLR"
-    assert cfg.learning_rate == 1e-5 and cfg.lr_end == 0.0
-    assert cfg.warmup_ratio == 0.03 and cfg.warmup_steps is None and cfg.total_steps == -1
-    assert cfg.train_dataset_dir == "" and cfg.shuffle is True and cfg.drop_remainder is True
-    assert cfg.do_eval is False and cfg.eval_step_interval == 100
-    assert cfg.save_checkpoint_steps == 100 and cfg.keep_checkpoint_max == 5
-    assert cfg.recompute is False and cfg.use_clip_grad is True and cfg.max_grad_norm == 1.0
-    assert cfg.seq_length == 4096 and cfg.compute_dtype == "float16" and cfg.param_init_type == "float32"
+    assert cfg.optimizer.type == "FP32StateAdamWeightDecay"
+    assert (cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps, cfg.optimizer.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
+    assert cfg.schedule.type == "CosineWithWarmUpLR"
+    assert cfg.schedule.learning_rate == 1e-5 and cfg.schedule.lr_end == 0.0
+    assert cfg.schedule.warmup_ratio == 0.03 and cfg.schedule.warmup_steps is None and cfg.schedule.total_steps == -1
+    assert cfg.data.train_dataset_dir == "" and cfg.data.shuffle is True and cfg.data.drop_remainder is True
+    assert cfg.eval.do_eval is False and cfg.eval.eval_step_interval == 100
+    assert cfg.checkpoint.save_checkpoint_steps == 100 and cfg.checkpoint.keep_checkpoint_max == 5
+    assert cfg.model.recompute is False and cfg.optimizer.use_clip_grad is True and cfg.optimizer.max_grad_norm == 1.0
+    assert cfg.model.seq_length == 4096 and cfg.model.compute_dtype == "float16" and cfg.model.param_init_type == "float32"
     assert cfg.source == str(SEED_YAML)
-    assert cfg.pet_config == {"pet_type": "lora", "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.05,
+    assert cfg.model.pet_config == {"pet_type": "lora", "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.05,
                               "target_modules": ".*wq|.*wk|.*wv|.*wo"}
-    assert "pet_config" not in cfg.model_config
+    assert "pet_config" not in cfg.model.model_config
 
 
 def test_seed_config_builds_the_7b_model_and_adapter():
     cfg = load_config(str(SEED_YAML))
-    model = LlamaConfig.from_mindformers(cfg.model_config)
+    model = LlamaConfig.from_mindformers(cfg.model.model_config)
     assert (model.hidden_size, model.num_layers, model.num_heads, model.vocab_size) == (4096, 32, 32, 32000)
     assert model.intermediate_size == 11008 and model.seq_length == 4096
-    pet = PetConfig.from_dict(cfg.pet_config)
+    pet = PetConfig.from_dict(cfg.model.pet_config)
     # BRIEF §1.3: 32 layers x 4 projections x (A [16, 4096] + B [4096, 16])
     trainable = model.num_layers * 4 * pet.lora_rank * (model.hidden_size + model.hidden_size)
     assert trainable == 16_777_216
@@ -111,13 +115,13 @@ def test_anchors_and_merge_keys(tmp_path):
         eval_dataset: *train_dataset
     """)
     cfg = load_config(path)
-    assert (cfg.epochs, cfg.batch_size, cfg.gradient_accumulation_steps) == (3, 5, 2)
-    assert cfg.train_dataset_dir == cfg.eval_dataset_dir == "/data/train.mindrecord"
-    assert cfg.shuffle is False
+    assert (cfg.runner.epochs, cfg.runner.batch_size, cfg.runner.gradient_accumulation_steps) == (3, 5, 2)
+    assert cfg.data.train_dataset_dir == cfg.data.eval_dataset_dir == "/data/train.mindrecord"
+    assert cfg.data.shuffle is False
     assert "base" in cfg.ignored_keys  # unknown top-level key, far from any honoured one
     # The alias is unshared: setting the train set leaves the eval set (and the task section) alone.
     cfg = load_config(path, ["train_dataset.data_loader.dataset_dir=/data/other"])
-    assert cfg.train_dataset_dir == "/data/other" and cfg.eval_dataset_dir == "/data/train.mindrecord"
+    assert cfg.data.train_dataset_dir == "/data/other" and cfg.data.eval_dataset_dir == "/data/train.mindrecord"
     assert cfg.raw["train_dataset_task"]["dataset_config"]["data_loader"]["dataset_dir"] == "/data/train.mindrecord"
 
 
@@ -128,11 +132,11 @@ def test_overrides_apply():
     cfg = load_config(str(SEED_YAML), ["runner_config.batch_size=4", "model.model_config.pet_config.lora_rank=8",
                                        "lr_schedule.learning_rate=3e-4", "callbacks.1.save_checkpoint_steps=7",
                                        "recompute_config.recompute=True", "max_steps=20"])
-    assert cfg.batch_size == 4 and cfg.pet_config["lora_rank"] == 8
-    assert cfg.learning_rate == 3e-4  # "3e-4" is a string to PyYAML; it is still a number here
-    assert cfg.save_checkpoint_steps == 7 and cfg.recompute is True and cfg.max_steps == 20
+    assert cfg.runner.batch_size == 4 and cfg.model.pet_config["lora_rank"] == 8
+    assert cfg.schedule.learning_rate == 3e-4  # "3e-4" is a string to PyYAML; it is still a number here
+    assert cfg.checkpoint.save_checkpoint_steps == 7 and cfg.model.recompute is True and cfg.runner.max_steps == 20
     # a native top-level key wins over the CheckpointMonitor entry
-    assert load_config(str(SEED_YAML), ["save_checkpoint_steps=9"]).save_checkpoint_steps == 9
+    assert load_config(str(SEED_YAML), ["save_checkpoint_steps=9"]).checkpoint.save_checkpoint_steps == 9
 
 
 def test_apply_overrides_is_a_copy_and_checks_its_input():
@@ -155,11 +159,11 @@ def test_cli_flags_override_yaml_and_overrides():
            "auto_trans_ckpt": "False", "use_parallel": "True", "run_mode": "finetune", "resume_training": "True",
            "seed": "7", "output_dir": "/out", "eval_dataset_dir": None, "do_eval": None}
     cfg = load_config(str(SEED_YAML), ["seed=3", "run_mode=eval"], cli)
-    assert cfg.train_dataset_dir == "/data/alpaca-fastchat4096.mindrecord"
+    assert cfg.data.train_dataset_dir == "/data/alpaca-fastchat4096.mindrecord"
     assert cfg.load_checkpoint == "/ckpt/llama2_7b.ckpt" and cfg.output_dir == "/out"
-    assert cfg.auto_trans_ckpt is False and cfg.use_parallel is True and cfg.resume_training is True
+    assert cfg.auto_trans_ckpt is False and cfg.parallel.use_parallel is True and cfg.resume_training is True
     assert cfg.seed == 7 and cfg.run_mode == "finetune"
-    assert cfg.do_eval is False and cfg.eval_dataset_dir == ""  # None flags leave the YAML alone
+    assert cfg.eval.do_eval is False and cfg.data.eval_dataset_dir == ""  # None flags leave the YAML alone
     # written where MindFormers' run_mindformer.py writes it
     assert cfg.raw["train_dataset"]["data_loader"]["dataset_dir"] == "/data/alpaca-fastchat4096.mindrecord"
     with pytest.raises(ConfigError, match="--seed: must be an integer"):
@@ -172,8 +176,8 @@ def test_cli_flags_override_yaml_and_overrides():
 
 def test_defaults_without_a_file():
     cfg = load_config(None, cli={"load_checkpoint": "smollm2-135m-instruct", "train_dataset_dir": "t.json"})
-    assert comparable(cfg) == comparable(dataclasses.replace(
-        RunConfig(), load_checkpoint="smollm2-135m-instruct", train_dataset_dir="t.json"))
+    assert comparable(cfg) == comparable(RunConfig(
+        load_checkpoint="smollm2-135m-instruct", data=DataSection(train_dataset_dir="t.json")))
 
 
 # ---- mistakes -----------------------------------------------------------------------------------
@@ -304,13 +308,13 @@ def test_newer_mindformers_yaml_still_loads(tmp_path):
           max_grad_norm: 0.5
     """)
     cfg = load_config(path)
-    assert cfg.optimizer_type == "AdamW" and (cfg.beta1, cfg.beta2, cfg.weight_decay) == (0.9, 0.95, 0.01)
-    assert cfg.lr_schedule_type == "ConstantWarmUpLR" and cfg.learning_rate == 1e-6 and cfg.warmup_steps == 10
-    assert cfg.warmup_ratio is None and cfg.gradient_accumulation_steps == 8
-    assert cfg.train_dataset_dir == "/data/packed" and cfg.tokenizer == "/models/vocab.json"
-    assert cfg.save_checkpoint_steps == 500 and cfg.keep_checkpoint_max == 3 and cfg.max_grad_norm == 0.5
-    assert cfg.compute_dtype == "bfloat16" and cfg.model_config["compute_dtype"] == "bfloat16"
-    assert cfg.seq_length == 8192 and cfg.pet_config is None and cfg.data_parallel == 2
+    assert cfg.optimizer.type == "AdamW" and (cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.weight_decay) == (0.9, 0.95, 0.01)
+    assert cfg.schedule.type == "ConstantWarmUpLR" and cfg.schedule.learning_rate == 1e-6 and cfg.schedule.warmup_steps == 10
+    assert cfg.schedule.warmup_ratio is None and cfg.runner.gradient_accumulation_steps == 8
+    assert cfg.data.train_dataset_dir == "/data/packed" and cfg.data.tokenizer == "/models/vocab.json"
+    assert cfg.checkpoint.save_checkpoint_steps == 500 and cfg.checkpoint.keep_checkpoint_max == 3 and cfg.optimizer.max_grad_norm == 0.5
+    assert cfg.model.compute_dtype == "bfloat16" and cfg.model.model_config["compute_dtype"] == "bfloat16"
+    assert cfg.model.seq_length == 8192 and cfg.model.pet_config is None and cfg.parallel.data_parallel == 2
     for key in ("load_ckpt_format", "use_legacy", "remove_redundancy", "some_future_option",
                 "train_dataset.dynamic_batch", "train_dataset.data_loader.load_func", "processor.tokenizer.merges_file",
                 "callbacks.CheckpointMonitor.checkpoint_format", "model.model_config.qkv_concat"):
@@ -319,9 +323,9 @@ def test_newer_mindformers_yaml_still_loads(tmp_path):
 
 def test_warmup_ratio_wins_over_warmup_steps_as_in_mindformers():
     cfg = load_config(str(SEED_YAML), ["lr_schedule.warmup_steps=10"])
-    assert cfg.warmup_ratio == 0.03 and cfg.warmup_steps is None
+    assert cfg.schedule.warmup_ratio == 0.03 and cfg.schedule.warmup_steps is None
     cfg = load_config(str(SEED_YAML), ["lr_schedule.warmup_steps=10", "lr_schedule.warmup_ratio=null"])
-    assert cfg.warmup_ratio is None and cfg.warmup_steps == 10
+    assert cfg.schedule.warmup_ratio is None and cfg.schedule.warmup_steps == 10
 
 
 def test_native_form(tmp_path):
@@ -349,13 +353,13 @@ def test_native_form(tmp_path):
     """)
     cfg = load_config(path)
     assert cfg.ignored_keys == []
-    assert (cfg.run_mode, cfg.train_dataset_dir, cfg.eval_dataset_dir, cfg.tokenizer, cfg.adapter) == \
+    assert (cfg.run_mode, cfg.data.train_dataset_dir, cfg.data.eval_dataset_dir, cfg.data.tokenizer, cfg.adapter) == \
         ("train", "data/train.jsonl", "data/eval.jsonl", "tok/", "out/adapter")
-    assert (cfg.template, cfg.packing, cfg.drop_long, cfg.max_steps, cfg.save_merged) == ("alpaca", True, True, 30, True)
-    assert (cfg.save_checkpoint_steps, cfg.keep_checkpoint_max) == (10, 1)
-    assert (cfg.eval_generation, cfg.max_new_tokens, cfg.parallel_strategy) == (True, 64, "fsdp")
-    assert (cfg.lr_schedule_type, cfg.learning_rate, cfg.warmup_steps) == ("linear", 5e-4, 3)
-    assert cfg.seq_length == 128 and LlamaConfig.from_mindformers(cfg.model_config).num_layers == 2
+    assert (cfg.data.template, cfg.data.packing, cfg.data.drop_long, cfg.runner.max_steps, cfg.checkpoint.save_merged) == ("alpaca", True, True, 30, True)
+    assert (cfg.checkpoint.save_checkpoint_steps, cfg.checkpoint.keep_checkpoint_max) == (10, 1)
+    assert (cfg.eval.eval_generation, cfg.eval.max_new_tokens, cfg.parallel.parallel_strategy) == (True, 64, "fsdp")
+    assert (cfg.schedule.type, cfg.schedule.learning_rate, cfg.schedule.warmup_steps) == ("linear", 5e-4, 3)
+    assert cfg.model.seq_length == 128 and LlamaConfig.from_mindformers(cfg.model.model_config).num_layers == 2
     with pytest.raises(ConfigError, match="parallel_strategy: must be one of ddp, fsdp"):
         load_config(path, ["parallel_strategy=zero3"])
     with pytest.raises(ConfigError, match="template: must be one of"):
@@ -372,21 +376,21 @@ def test_smollm2_config():
     raw = yaml.safe_load(SMOLLM2_YAML.read_text())
     cfg = load_config(str(SMOLLM2_YAML))
     assert cfg.ignored_keys == []
-    assert cfg.load_checkpoint == "smollm2-135m-instruct" and cfg.template == "chat" and cfg.packing is True
+    assert cfg.load_checkpoint == "smollm2-135m-instruct" and cfg.data.template == "chat" and cfg.data.packing is True
     runner, mc = raw["runner_config"], raw["model"]["model_config"]
-    assert (cfg.seq_length, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.epochs) == (
+    assert (cfg.model.seq_length, cfg.runner.batch_size, cfg.runner.gradient_accumulation_steps, cfg.runner.epochs) == (
         mc["seq_length"], runner["batch_size"], runner["gradient_accumulation_steps"], runner["epochs"])
     sched = raw["lr_schedule"]
-    assert (cfg.learning_rate, cfg.lr_schedule_type, cfg.warmup_ratio) == (
+    assert (cfg.schedule.learning_rate, cfg.schedule.type, cfg.schedule.warmup_ratio) == (
         float(sched["learning_rate"]), sched["type"], sched["warmup_ratio"])
-    assert (cfg.compute_dtype, cfg.param_init_type) == (mc["compute_dtype"], mc["param_init_type"])
+    assert (cfg.model.compute_dtype, cfg.model.param_init_type) == (mc["compute_dtype"], mc["param_init_type"])
     monitor = next(c for c in raw["callbacks"] if c["type"] == "CheckpointMonitor")
-    assert (cfg.save_checkpoint_steps, cfg.keep_checkpoint_max) == (
+    assert (cfg.checkpoint.save_checkpoint_steps, cfg.checkpoint.keep_checkpoint_max) == (
         monitor["save_checkpoint_steps"], monitor["keep_checkpoint_max"])
-    assert (cfg.do_eval, cfg.eval_step_interval, cfg.save_merged) == (True, raw["eval_step_interval"], True)
+    assert (cfg.eval.do_eval, cfg.eval.eval_step_interval, cfg.checkpoint.save_merged) == (True, raw["eval_step_interval"], True)
     assert cfg.output_dir == "./output/smollm2_lora"
-    assert (cfg.train_dataset_dir, cfg.eval_dataset_dir) == ("demo/data/train.json", "demo/data/eval.json")
-    pet = PetConfig.from_dict(cfg.pet_config)
+    assert (cfg.data.train_dataset_dir, cfg.data.eval_dataset_dir) == ("demo/data/train.json", "demo/data/eval.json")
+    pet = PetConfig.from_dict(cfg.model.pet_config)
     assert (pet.lora_rank, pet.lora_alpha, pet.lora_dropout) == (
         mc["pet_config"]["lora_rank"], mc["pet_config"]["lora_alpha"], mc["pet_config"]["lora_dropout"])
     assert pet.target_modules == mc["pet_config"]["target_modules"]
@@ -407,3 +411,40 @@ def test_docs_cover_every_key():
     for name, paths in PATHS.items():
         leaf = paths[0].rsplit(".", 1)[-1]
         assert f"`{paths[0]}`" in docs or f"| `{leaf}` |" in docs, name
+
+
+def test_docs_key_tables_are_the_schemas():
+    """docs/config.md's key tables are generated from the schema: a key added, renamed or re-documented in
+    petformers/config/ without `python -m petformers.config.docs` fails here."""
+    from petformers.config import docs
+
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert docs.current(text), "docs/config.md lost its generated-keys markers"
+    assert docs.current(text) == docs.render()
+    for name in PATHS:  # every key has its own line, with a meaning
+        assert re.search(rf"^\| `{re.escape(PATHS[name][0])}` \| [^|]+ \|[^|]*\| \S", text, re.M), name
+
+
+def test_every_ignored_key_has_a_reason_and_no_honoured_key_is_ignored():
+    from petformers.config.mindformers import IGNORED, ignored_reason
+
+    honoured = {p for paths in PATHS.values() for p in paths}
+    assert not honoured & set(IGNORED)
+    cfg = load_config(str(SEED_YAML))
+    for key in cfg.ignored_keys:
+        assert ignored_reason(key), key
+    assert "MindSpore" in ignored_reason("context") and "profiler" in ignored_reason("profile")
+    assert "newer MindFormers" in ignored_reason("some_future_option")
+
+
+def test_the_run_log_names_each_ignored_key_with_its_reason(capsys):
+    from petformers.cli.main import main
+
+    assert main(["run", "--config", str(SEED_YAML), "--dry_run", "context.device_id=3", "some_future_option=1"]) == 0
+    err = capsys.readouterr().err
+    runtime = next(line for line in err.splitlines() if "with no PyTorch meaning" in line)
+    assert re.search(r"\bcontext\b", runtime) and "parallel" in runtime
+    assert re.search(r"\bsome_future_option: not a key petformers knows", err)
+    # keys petformers accepts but does not act on are named too, with why
+    assert re.search(r"model\.model_config\.param_init_type.*: adapters are always float32", err)
+    assert re.search(r"auto_trans_ckpt.*: petformers always reshards", err)

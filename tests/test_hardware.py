@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from petformers import hardware
-from petformers.train.config import load_config
+from petformers.config.load import load_run_config as load_config
 
 
 def test_cpu_flags_come_from_this_machine():
@@ -33,11 +33,11 @@ def test_auto_in_a_run_config_resolves_to_a_concrete_dtype(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  model_config:\n    compute_dtype: auto\n")
     cfg = load_config(path)
-    assert cfg.compute_dtype == hardware.auto_compute_dtype()
-    assert cfg.compute_dtype in ("float32", "bfloat16")
+    assert cfg.model.compute_dtype == hardware.auto_compute_dtype()
+    assert cfg.model.compute_dtype in ("float32", "bfloat16")
     path.write_text("model:\n  model_config:\n    compute_dtype: float16\n")
     cfg = load_config(path, ["model.model_config.compute_dtype=auto"])
-    assert cfg.compute_dtype == hardware.auto_compute_dtype()
+    assert cfg.model.compute_dtype == hardware.auto_compute_dtype()
 
 
 @pytest.mark.skipif(not hasattr(torch.cpu, "_is_avx512_bf16_supported"),

@@ -44,14 +44,14 @@ def register(subparsers):
 
 
 def run(args):
-    from petformers.train.config import load_config
+    from petformers.config.load import load_run_config, not_acted_on, resolved_yaml
+    from petformers.config.mindformers import ignored_reason
     from petformers.train.run import run as run_job
 
     cli = {k: getattr(args, k) for k in ("run_mode", "train_dataset_dir", "eval_dataset_dir", "load_checkpoint",
                                          "output_dir", "resume_training", "auto_trans_ckpt", "use_parallel",
-                                         "do_eval", "seed", "adapter")}
-    cfg = load_config(args.config, args.overrides, cli)
-    if args.predict_data:
-        cfg.predict_data = args.predict_data
-    summary = run_job(cfg, dry=args.dry_run)
+                                         "do_eval", "seed", "adapter", "predict_data")}
+    cfg = load_run_config(args.config, args.overrides, cli)
+    ignored = {key: ignored_reason(key) for key in cfg.ignored_keys} | not_acted_on(cfg)
+    summary = run_job(cfg, dry=args.dry_run, resolved=resolved_yaml(cfg), ignored=ignored)
     return 0 if summary is not None else 1

@@ -52,17 +52,25 @@ class HiddenStates(nn.Module):
         return hidden
 
 
-def wrap_model(model: nn.Module, cfg, env: DistEnv) -> nn.Module:
+STRATEGIES = ("ddp", "fsdp")
+
+
+def check_strategy(name: str) -> str:
+    """`name` in lower case when it is a strategy petformers offers, else a ValueError."""
+    strategy = str(name).lower()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+def wrap_model(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
     """The module the loop calls for hidden states: DDP or FSDP2 over HiddenStates(model).
 
     FSDP replaces the model's parameters by sharded ones: build the optimizer after this call.
     """
-    strategy = str(getattr(cfg, "parallel_strategy", "ddp")).lower()
-    if strategy == "ddp":
-        return _wrap_ddp(model, env)
-    if strategy == "fsdp":
+    if check_strategy(strategy) == "fsdp":
         return _wrap_fsdp(model, env)
-    raise ConfigError(f"parallel_config.parallel_strategy: {strategy!r} is not supported; use ddp or fsdp")
+    return _wrap_ddp(model, env)
 
 
 def is_sharded(train_model: nn.Module) -> bool:

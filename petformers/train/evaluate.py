@@ -71,21 +71,21 @@ def run_eval(cfg, env, out: Path) -> dict:
     from petformers.train.datasets import open_dataset
     from petformers.train.loop import evaluate_loss
 
-    path = cfg.eval_dataset_dir or cfg.train_dataset_dir
+    path = cfg.data.eval_dataset_dir or cfg.data.train_dataset_dir
     if not path:
         raise ConfigError("eval_dataset.data_loader.dataset_dir: run_mode eval needs an eval set "
                           "(or pass --eval_dataset_dir)")
     model, tokenizer = _load_for_inference(cfg, env)
-    ds = open_dataset(path, tokenizer, cfg.seq_length, cfg.template, False, cfg.drop_long, "finetune",
+    ds = open_dataset(path, tokenizer, cfg.model.seq_length, cfg.data.template, False, cfg.data.drop_long, "finetune",
                       progress=env.is_main)
     pad = tokenizer.pad_id if tokenizer is not None else 0
-    eval_batch = max(cfg.batch_size, 8)  # no gradients: larger batches fit, and are faster
+    eval_batch = max(cfg.runner.batch_size, 8)  # no gradients: larger batches fit, and are faster
     results = {"metrics": evaluate_loss(model, ds, eval_batch, pad, env.device, env, progress=env.is_main)}
-    if cfg.eval_generation:
+    if cfg.eval.eval_generation:
         from petformers.data.formats import load_samples
 
         samples, _, _, _, _ = load_samples(path)
-        gen = evaluate_generation(model, tokenizer, samples, cfg.template, cfg.max_new_tokens, eval_batch)
+        gen = evaluate_generation(model, tokenizer, samples, cfg.data.template, cfg.eval.max_new_tokens, eval_batch)
         results["metrics"] |= gen["metrics"]
         results["samples"] = gen["samples"]
     results["model"] = cfg.load_checkpoint
@@ -101,17 +101,17 @@ def run_predict(cfg, env, out: Path) -> dict:
     from petformers.cli.predict import read_prompts
     from petformers.generate import GenerationConfig, generate
 
-    data = getattr(cfg, "predict_data", None)
+    data = cfg.predict_data
     if not data:
         raise ConfigError("predict_data: run_mode predict needs --predict_data (a prompt or a file of prompts)")
     model, tokenizer = _load_for_inference(cfg, env)
     prompts = read_prompts(data)
-    encoded = [tokenizer.encode(prompt_text([{"role": "user", "content": p}], cfg.template, tokenizer),
-                                add_special_tokens=cfg.template != "chat") for p in prompts]
+    encoded = [tokenizer.encode(prompt_text([{"role": "user", "content": p}], cfg.data.template, tokenizer),
+                                add_special_tokens=cfg.data.template != "chat") for p in prompts]
     answers = []
-    for start in range(0, len(encoded), max(cfg.batch_size, 1)):
+    for start in range(0, len(encoded), max(cfg.runner.batch_size, 1)):
         with torch.no_grad():
-            outs = generate(model, encoded[start:start + cfg.batch_size], GenerationConfig(cfg.max_new_tokens),
+            outs = generate(model, encoded[start:start + cfg.runner.batch_size], GenerationConfig(cfg.eval.max_new_tokens),
                             tokenizer.eos_ids, tokenizer.pad_id)
         answers += [tokenizer.decode(o) for o in outs]
     if env.is_main:

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked, timeout_error
 from petformers.distributed.parallel import clip_grad_norm
-from petformers.errors import ConfigError, TrainingError
+from petformers.errors import TrainingError
 from petformers.faults import kill_point
 from petformers.models.config import parse_dtype
 from petformers.train import checkpointing
 from petformers.train.loss import chunked_cross_entropy_sum
+from petformers.train.optimizer import build_optimizer
 from petformers.train.schedule import build_schedule
 
 log = logging.getLogger("petformers")
@@ -147,17 +148,6 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item())}
 
 
-def build_optimizer(cfg, params):
-    kind = cfg.optimizer_type.lower()
-    if kind not in ("fp32stateadamweightdecay", "adamweightdecay", "adamw", "adam"):
-        raise ConfigError(f"optimizer.type: {cfg.optimizer_type!r} is not supported; use FP32StateAdamWeightDecay "
-                          "or AdamW")
-    # Trainable parameters are float32 (adapters), so AdamW keeps float32 states, as
-    # MindFormers' FP32StateAdamWeightDecay does; decoupled weight decay as AdamWeightDecay.
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=True)
-
-
 def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, metrics, pet_config=None) -> dict:
     """Run the optimizer steps; returns the run summary. `model` already carries its adapters."""
     from petformers.train.datasets import collate
@@ -165,15 +155,15 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     device = env.device
     pad_id = tokenizer.pad_id if tokenizer is not None else (model.config.pad_token_id or 0)
     packed = bool(getattr(train_ds, "packing", False))
-    plan = StepPlan(len(train_ds), cfg.batch_size, env.world_size, cfg.gradient_accumulation_steps,
-                    cfg.epochs, cfg.max_steps)
+    plan = StepPlan(len(train_ds), cfg.runner.batch_size, env.world_size, cfg.runner.gradient_accumulation_steps,
+                    cfg.runner.epochs, cfg.runner.max_steps)
     if plan.steps_per_epoch == 0:
-        raise TrainingError(f"{cfg.train_dataset_dir}: {plan.rows} rows are fewer than one global batch "
-                            f"({plan.global_batch} = batch_size {cfg.batch_size} x data_parallel {env.world_size} "
-                            f"x gradient_accumulation_steps {cfg.gradient_accumulation_steps})")
-    total = plan.total_steps if cfg.total_steps in (-1, None) else min(plan.total_steps, cfg.total_steps)
-    schedule = build_schedule(cfg.lr_schedule_type, cfg.learning_rate, total, cfg.warmup_ratio, cfg.warmup_steps,
-                              cfg.lr_end, cfg.warmup_lr_init)
+        raise TrainingError(f"{cfg.data.train_dataset_dir}: {plan.rows} rows are fewer than one global batch "
+                            f"({plan.global_batch} = batch_size {cfg.runner.batch_size} x data_parallel {env.world_size} "
+                            f"x gradient_accumulation_steps {cfg.runner.gradient_accumulation_steps})")
+    total = plan.total_steps if cfg.schedule.total_steps in (-1, None) else min(plan.total_steps, cfg.schedule.total_steps)
+    schedule = build_schedule(cfg.schedule.type, cfg.schedule.learning_rate, total, cfg.schedule.warmup_ratio, cfg.schedule.warmup_steps,
+                              cfg.schedule.lr_end, cfg.schedule.warmup_lr_init)
     named = trainable_parameters(model)
     if not named:
         raise TrainingError("no trainable parameters: check pet_config.target_modules")
@@ -181,10 +171,10 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     if env.enabled:
         from petformers.distributed.parallel import is_sharded, wrap_model
 
-        train_model = wrap_model(model, cfg, env)
+        train_model = wrap_model(model, cfg.parallel.parallel_strategy, env)
         sharded = is_sharded(train_model)
         named = trainable_parameters(model)  # FSDP replaced them by their shards
-    optimizer = build_optimizer(cfg, [p for _, p in named])
+    optimizer = build_optimizer(cfg.optimizer, cfg.schedule.learning_rate, [p for _, p in named])
     hidden_fn = train_model if sharded else None  # for evaluate_loss: FSDP's forward is collective
     ckpt_root = out / "checkpoint"
     ckpt_meta = {"model_config.json": model.config.to_dict()}
@@ -236,11 +226,11 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         if sharded:  # every rank writes its shards
             from petformers.distributed import dcp
 
-            path = dcp.save_sharded_checkpoint(ckpt_root, step, model, optimizer, state, cfg.keep_checkpoint_max,
+            path = dcp.save_sharded_checkpoint(ckpt_root, step, model, optimizer, state, cfg.checkpoint.keep_checkpoint_max,
                                                env, write_adapter if pet_config is not None else None, ckpt_meta)
         elif env.is_main:
             path = checkpointing.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer.state_dict(),
-                                                 state, cfg.keep_checkpoint_max, write_adapter, ckpt_meta)
+                                                 state, cfg.checkpoint.keep_checkpoint_max, write_adapter, ckpt_meta)
         if env.is_main:
             log.info("petformers: checkpoint %s%s", path, f" ({reason})" if reason else "")
         if env.enabled:
@@ -258,7 +248,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
             step_start = time.perf_counter()
             fail_if_asked(step, env)
             batches = [collate([train_ds[i] for i in idx], pad_id, packed, device)
-                       for idx in micro_batches(plan, step, cfg.seed, cfg.shuffle, env)]
+                       for idx in micro_batches(plan, step, cfg.seed, cfg.data.shuffle, env)]
             n_tokens = sum((b["targets"] != -100).sum() for b in batches).to(torch.float32)
             n_tokens = all_reduce_sum(n_tokens.clone(), env).clamp(min=1)
             lr = schedule.lr_at(step)
@@ -281,10 +271,10 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                                     f"checkpoint: {last[-1] if last else 'none'} (lower the learning rate or check "
                                     "the data)")
             grad_norm = None
-            if cfg.use_clip_grad:
+            if cfg.optimizer.use_clip_grad:
                 params = [p for _, p in named]
-                grad_norm = clip_grad_norm(params, cfg.max_grad_norm) if sharded else \
-                    float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = clip_grad_norm(params, cfg.optimizer.max_grad_norm) if sharded else \
+                    float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             kill_point("step")
@@ -299,13 +289,13 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                 metrics.write(record)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-            if eval_ds is not None and cfg.do_eval and cfg.eval_step_interval > 0 \
-                    and done % cfg.eval_step_interval == 0 and done != total:
-                last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env, forward=hidden_fn)
+            if eval_ds is not None and cfg.eval.do_eval and cfg.eval.eval_step_interval > 0 \
+                    and done % cfg.eval.eval_step_interval == 0 and done != total:
+                last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, pad_id, device, env, forward=hidden_fn)
                 if env.is_main:
                     metrics.write({"step": done, **last_eval})
                     bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} ppl {last_eval['eval_ppl']:.2f}")
-            if cfg.save_checkpoint_steps > 0 and done % cfg.save_checkpoint_steps == 0 and done != total:
+            if cfg.checkpoint.save_checkpoint_steps > 0 and done % cfg.checkpoint.save_checkpoint_steps == 0 and done != total:
                 save(done)
             if _stop_requested(stop, env):
                 save(done, f"stopped by {stop.signal_name or 'a signal'}")
@@ -320,8 +310,8 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     if total > start_step:
         save(total, "end of training")
     elapsed = time.perf_counter() - started
-    if eval_ds is not None and cfg.do_eval:
-        last_eval = evaluate_loss(model, eval_ds, cfg.batch_size, pad_id, device, env, forward=hidden_fn)
+    if eval_ds is not None and cfg.eval.do_eval:
+        last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, pad_id, device, env, forward=hidden_fn)
         if env.is_main:
             metrics.write({"step": total, **last_eval})
     if sharded:  # rank 0 gets a plain model back for the final artefacts (adapter, merged)
@@ -362,4 +352,4 @@ class _no_sync:
 
 
 def compute_dtype_of(cfg) -> torch.dtype:
-    return parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    return parse_dtype(cfg.model.compute_dtype, "model.model_config.compute_dtype")

@@ -24,10 +24,20 @@ from petformers.monitor.state import RunState
 
 log = logging.getLogger("petformers")
 
+RUN_MODES = ("finetune", "train", "eval", "predict")
+
 # LlamaConfig fields that a checkpoint's own config decides (the YAML may describe another model).
 _ARCH_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
               "multiple_of", "ffn_dim_multiplier", "head_dim", "qkv_has_bias", "attn_proj_has_bias", "qk_norm",
               "sliding_window", "tie_word_embeddings", "theta")
+
+
+def check_run_mode(name: str) -> str:
+    """`name` in lower case when it is a run_mode petformers runs, else a ValueError."""
+    mode = str(name).lower()
+    if mode not in RUN_MODES:
+        raise ValueError(f"must be one of {', '.join(RUN_MODES)}, got {mode!r}")
+    return mode
 
 
 def seed_everything(seed: int):
@@ -37,7 +47,7 @@ def seed_everything(seed: int):
 
 
 def model_config_from_yaml(cfg) -> LlamaConfig:
-    mc = {k: v for k, v in cfg.model_config.items() if k != "pet_config"}
+    mc = {k: v for k, v in cfg.model.model_config.items() if k != "pet_config"}
     return LlamaConfig.from_mindformers(mc)
 
 
@@ -56,23 +66,23 @@ def resolve_model_config(cfg) -> tuple[LlamaConfig, str]:
 
 
 def pet_config_of(cfg):
-    if not cfg.pet_config:
+    if not cfg.model.pet_config:
         return None
     from petformers.pet.config import PetConfig
 
-    return PetConfig.from_dict(cfg.pet_config)
+    return PetConfig.from_dict(cfg.model.pet_config)
 
 
 def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg) -> dict:
     """Rough peak bytes per device: frozen weights + fp32 adapters with grads and Adam states + activations."""
-    bytes_per = torch.empty((), dtype=parse_dtype(cfg.compute_dtype)).element_size()
+    bytes_per = torch.empty((), dtype=parse_dtype(cfg.model.compute_dtype)).element_size()
     weights = (total - trainable) * bytes_per
     adapters = trainable * 4 * 4  # param, grad, exp_avg, exp_avg_sq in float32
-    tokens = cfg.batch_size * cfg.seq_length
+    tokens = cfg.runner.batch_size * cfg.model.seq_length
     h = config.hidden_size
     # Per layer: ~34 bytes*h per token at 16-bit without recompute (SDPA keeps no s^2 scores); only the
     # layer input with recompute. Plus one 1024-row chunk of float32 logits and its gradient.
-    per_layer = tokens * h * (2 * bytes_per if cfg.recompute else 17 * bytes_per)
+    per_layer = tokens * h * (2 * bytes_per if cfg.model.recompute else 17 * bytes_per)
     activations = per_layer * config.num_layers + 1024 * config.vocab_size * 4 * 2
     return {"weights": weights, "adapters_and_optimizer": adapters, "activations": activations,
             "total": weights + adapters + activations}
@@ -82,7 +92,7 @@ def dry_run(cfg) -> dict:
     from petformers.models.llama import build_model
 
     config, source = resolve_model_config(cfg)
-    dtype = parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    dtype = parse_dtype(cfg.model.compute_dtype, "model.model_config.compute_dtype")
     model = build_model(config, device="meta", dtype=dtype)
     pet = pet_config_of(cfg)
     if pet is not None:
@@ -92,13 +102,13 @@ def dry_run(cfg) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if pet is not None else \
         sum(p.numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
-    world = max(cfg.data_parallel, 1) if cfg.use_parallel else 1
-    global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    world = max(cfg.parallel.data_parallel, 1) if cfg.parallel.use_parallel else 1
+    global_batch = cfg.runner.batch_size * world * cfg.runner.gradient_accumulation_steps
     rows = _count_rows(cfg)
     steps_per_epoch = rows // global_batch if rows is not None else None
-    total_steps = steps_per_epoch * cfg.epochs if steps_per_epoch is not None else None
-    if total_steps is not None and cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = steps_per_epoch * cfg.runner.epochs if steps_per_epoch is not None else None
+    if total_steps is not None and cfg.runner.max_steps > 0:
+        total_steps = min(total_steps, cfg.runner.max_steps)
     mem = estimate_memory(config, total, trainable, cfg)
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     lines = [
@@ -107,11 +117,11 @@ def dry_run(cfg) -> dict:
         f"family: {config.describe()}",
         f"parameters: {total:,}",
         f"trainable parameters: {trainable:,} ({100 * trainable / total:.4f}%)",
-        f"global batch: {global_batch} (batch_size {cfg.batch_size} x data_parallel {world} x "
-        f"gradient_accumulation_steps {cfg.gradient_accumulation_steps})",
+        f"global batch: {global_batch} (batch_size {cfg.runner.batch_size} x data_parallel {world} x "
+        f"gradient_accumulation_steps {cfg.runner.gradient_accumulation_steps})",
         f"steps per epoch: {steps_per_epoch if steps_per_epoch is not None else 'unknown (no train dataset)'}",
         f"total steps: {total_steps if total_steps is not None else 'unknown (no train dataset)'}",
-        f"peak memory per device ({cfg.compute_dtype}, seq_length {cfg.seq_length}, recompute {cfg.recompute}): "
+        f"peak memory per device ({cfg.model.compute_dtype}, seq_length {cfg.model.seq_length}, recompute {cfg.model.recompute}): "
         f"~{gib(mem['total'])} (weights {gib(mem['weights'])}, adapters+grads+AdamW "
         f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])})",
     ]
@@ -121,9 +131,9 @@ def dry_run(cfg) -> dict:
 
 
 def _count_rows(cfg) -> int | None:
-    if not cfg.train_dataset_dir:
+    if not cfg.data.train_dataset_dir:
         return None
-    path = Path(cfg.train_dataset_dir)
+    path = Path(cfg.data.train_dataset_dir)
     if (path / "meta.json").exists():
         return int(json.loads((path / "meta.json").read_text())["counts"]["rows"])
     if not path.exists():
@@ -131,20 +141,20 @@ def _count_rows(cfg) -> int | None:
     tokenizer = _tokenizer_for(cfg)
     from petformers.train.datasets import open_dataset
 
-    return len(open_dataset(str(path), tokenizer, cfg.seq_length, cfg.template, cfg.packing, cfg.drop_long,
+    return len(open_dataset(str(path), tokenizer, cfg.model.seq_length, cfg.data.template, cfg.data.packing, cfg.data.drop_long,
                             cfg.run_mode, progress=False))
 
 
 def _tokenizer_for(cfg):
     from petformers.checkpoint.load import load_tokenizer
 
-    source = cfg.tokenizer or cfg.load_checkpoint
+    source = cfg.data.tokenizer or cfg.load_checkpoint
     if not source:
         return None
     try:
         return load_tokenizer(source)
     except Exception:
-        if cfg.tokenizer:
+        if cfg.data.tokenizer:
             raise
         return None
 
@@ -154,18 +164,18 @@ def load_model_for_run(cfg, env: DistEnv):
     from petformers.checkpoint.load import load_pretrained
     from petformers.models.llama import build_model
 
-    dtype = parse_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+    dtype = parse_dtype(cfg.model.compute_dtype, "model.model_config.compute_dtype")
     # Training under FSDP loads on the CPU: fully_shard moves each layer's shard to the device, so no
     # device ever holds the whole model.
-    sharding = env.enabled and cfg.parallel_strategy == "fsdp" and cfg.run_mode in ("finetune", "train")
+    sharding = env.enabled and cfg.parallel.parallel_strategy == "fsdp" and cfg.run_mode in ("finetune", "train")
     device = torch.device("cpu") if sharding else env.device
     if cfg.load_checkpoint:
-        yaml_config = model_config_from_yaml(cfg) if cfg.model_config else None
+        yaml_config = model_config_from_yaml(cfg) if cfg.model.model_config else None
         model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config)
-        if cfg.tokenizer:
+        if cfg.data.tokenizer:
             from petformers.checkpoint.load import load_tokenizer
 
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
         _report_arch_overrides(cfg, model.config, env)
     else:
         if cfg.run_mode not in ("train",):
@@ -195,11 +205,11 @@ def _raw_inputs(cfg) -> str:
     if cfg.run_mode == "predict":
         return "run_mode predict"
     if cfg.run_mode == "eval":
-        if cfg.eval_generation:
+        if cfg.eval.eval_generation:
             return "eval_generation"
-        paths = [cfg.eval_dataset_dir or cfg.train_dataset_dir]
+        paths = [cfg.data.eval_dataset_dir or cfg.data.train_dataset_dir]
     else:
-        paths = [cfg.train_dataset_dir] + ([cfg.eval_dataset_dir] if cfg.do_eval and cfg.eval_dataset_dir else [])
+        paths = [cfg.data.train_dataset_dir] + ([cfg.data.eval_dataset_dir] if cfg.eval.do_eval and cfg.data.eval_dataset_dir else [])
     raw = [p for p in paths if p and dataset_kind(p) == "raw"]
     return f"the raw dataset {raw[0]}" if raw else ""
 
@@ -207,7 +217,7 @@ def _raw_inputs(cfg) -> str:
 def data_pad_id(cfg, model, tokenizer) -> int:
     """The pad id masked in MindRecord rows: model_config.pad_token_id as MindFormers masks it (the YAML's,
     else the checkpoint's config), else the tokenizer's, else 0."""
-    for value in (cfg.model_config.get("pad_token_id"), model.config.pad_token_id,
+    for value in (cfg.model.model_config.get("pad_token_id"), model.config.pad_token_id,
                   tokenizer.pad_id if tokenizer is not None else None):
         if value is not None:
             return int(value)
@@ -228,7 +238,7 @@ def checkpoint_lora(cfg, config: LlamaConfig) -> dict:
     from petformers.checkpoint.mindspore_load import mindpet_lora_tensors
 
     lora = mindpet_lora_tensors(path, config)
-    if lora and not cfg.pet_config:
+    if lora and not cfg.model.pet_config:
         raise ConfigError(f"model.model_config.pet_config: {cfg.load_checkpoint} holds mindpet LoRA tensors; add the "
                           "pet_config they were trained with (its lora_rank, lora_alpha and target_modules)")
     return lora
@@ -260,39 +270,50 @@ def _merge_checkpoint_lora(cfg, model):
 
 
 def _report_arch_overrides(cfg, config: LlamaConfig, env: DistEnv):
-    differing = [k for k in _ARCH_KEYS if k in cfg.model_config and cfg.model_config[k] not in (None, "")
-                 and getattr(config, k) != cfg.model_config[k]]
+    differing = [k for k in _ARCH_KEYS if k in cfg.model.model_config and cfg.model.model_config[k] not in (None, "")
+                 and getattr(config, k) != cfg.model.model_config[k]]
     if differing and env.is_main:
         log.info("petformers: model_config keys %s differ from the checkpoint's own config; the checkpoint's are used",
                  ", ".join(differing))
 
 
-def run(cfg, dry: bool = False) -> dict:
+def run(cfg, dry: bool = False, resolved: str = "", ignored: dict[str, str] | None = None) -> dict:
+    """Dispatch on run_mode. `resolved` is written as output_dir/resolved_config.yaml; `ignored` (key ->
+    why it is not acted on) is named in the log."""
     if dry:
+        _log_ignored(ignored or {})
         return dry_run(cfg)
-    if cfg.use_parallel and "WORLD_SIZE" not in os.environ:
+    if cfg.parallel.use_parallel and "WORLD_SIZE" not in os.environ:
         raise ConfigError(f"use_parallel: True, but this process was not started by torchrun (no WORLD_SIZE in the "
-                          f"environment): launch `torchrun --nproc-per-node {max(cfg.data_parallel, 1)} -m petformers "
-                          "run ...` (or scripts/msrun_launcher.sh), or set use_parallel: False for one process")
-    env = init_distributed(cfg.use_parallel)
+                          f"environment): launch `torchrun --nproc-per-node {max(cfg.parallel.data_parallel, 1)} -m "
+                          "petformers run ...` (or scripts/msrun_launcher.sh), or set use_parallel: False for one process")
+    env = init_distributed(cfg.parallel.use_parallel)
     try:
-        if cfg.use_parallel and cfg.data_parallel not in (0, 1, env.world_size):
-            raise ConfigError(f"parallel_config.data_parallel: {cfg.data_parallel} does not match the world size "
-                              f"{env.world_size} (torchrun --nproc-per-node x nodes)")
+        if cfg.parallel.use_parallel and cfg.parallel.data_parallel not in (0, 1, env.world_size):
+            raise ConfigError(f"parallel_config.data_parallel: {cfg.parallel.data_parallel} does not match the world "
+                              f"size {env.world_size} (torchrun --nproc-per-node x nodes)")
         seed_everything(cfg.seed)
         out = Path(cfg.output_dir)
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            from petformers.train.config import resolved_yaml
-
-            (out / "resolved_config.yaml").write_text(resolved_yaml(cfg), encoding="utf-8")
-            if cfg.ignored_keys:
-                log.info("petformers: ignored (Ascend/MindSpore-only) keys: %s", ", ".join(cfg.ignored_keys))
+            if resolved:
+                (out / "resolved_config.yaml").write_text(resolved, encoding="utf-8")
+            _log_ignored(ignored or {})
         with RunState(out, cfg.run_mode, enabled=env.is_main) as state:  # run_state.json, read by the board
             state.ended(summary := _run_mode(cfg, env, out))
         return summary
     finally:
         shutdown(env)
+
+
+def _log_ignored(ignored: dict[str, str]):
+    """One line per reason, naming every key of the config that petformers accepts but does not act on."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in ignored.items():
+        by_reason.setdefault(reason, []).append(key)
+    if by_reason:
+        log.info("petformers: ignored keys of the config (not acted on), by reason:\n  " + "\n  ".join(
+            f"{', '.join(keys)}: {reason}" for reason, keys in by_reason.items()))
 
 
 def _run_mode(cfg, env: DistEnv, out: Path) -> dict:
@@ -302,11 +323,9 @@ def _run_mode(cfg, env: DistEnv, out: Path) -> dict:
         from petformers.train.evaluate import run_eval
 
         return run_eval(cfg, env, out)
-    if cfg.run_mode == "predict":
-        from petformers.train.evaluate import run_predict
+    from petformers.train.evaluate import run_predict
 
-        return run_predict(cfg, env, out)
-    raise ConfigError(f"run_mode: unknown {cfg.run_mode!r}; use finetune, train, eval or predict")
+    return run_predict(cfg, env, out)  # run_mode was checked when the config was read
 
 
 def return_freed_memory_to_os():
@@ -350,17 +369,17 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
     else:
         checkpoint_lora(cfg, model.config)  # a checkpoint with LoRA needs its pet_config
         model.requires_grad_(True)
-    if cfg.recompute:
+    if cfg.model.recompute:
         model.gradient_checkpointing = True
-    if not cfg.train_dataset_dir:
+    if not cfg.data.train_dataset_dir:
         raise ConfigError("train_dataset.data_loader.dataset_dir: no training data (or pass --train_dataset_dir)")
     pad_id = data_pad_id(cfg, model, tokenizer)
-    train_ds = open_dataset(cfg.train_dataset_dir, tokenizer, cfg.seq_length, cfg.template, cfg.packing,
-                            cfg.drop_long, cfg.run_mode, pad_id=pad_id, progress=env.is_main)
+    train_ds = open_dataset(cfg.data.train_dataset_dir, tokenizer, cfg.model.seq_length, cfg.data.template, cfg.data.packing,
+                            cfg.data.drop_long, cfg.run_mode, pad_id=pad_id, progress=env.is_main)
     eval_ds = None
-    if cfg.do_eval and cfg.eval_dataset_dir:
-        eval_ds = open_dataset(cfg.eval_dataset_dir, tokenizer, cfg.seq_length, cfg.template, False,
-                               cfg.drop_long, cfg.run_mode, pad_id=pad_id, progress=False)
+    if cfg.eval.do_eval and cfg.data.eval_dataset_dir:
+        eval_ds = open_dataset(cfg.data.eval_dataset_dir, tokenizer, cfg.model.seq_length, cfg.data.template, False,
+                               cfg.data.drop_long, cfg.run_mode, pad_id=pad_id, progress=False)
     if env.is_main and getattr(train_ds, "meta", None):
         (out / "data_summary.json").write_text(json.dumps(train_ds.meta, indent=2, ensure_ascii=False))
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -380,7 +399,7 @@ def _write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started
 
             save_peft_adapter(model, pet, out / "adapter", getattr(model, "name_or_path", ""))
             artefacts["adapter"] = str(out / "adapter")
-        if cfg.save_merged or pet is None:
+        if cfg.checkpoint.save_merged or pet is None:
             from petformers.checkpoint.hf import save_model_dir
 
             merged = model

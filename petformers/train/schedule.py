@@ -43,12 +43,20 @@ class Schedule:
         return self.lr_end + (self.learning_rate - self.lr_end) * (1 - progress)
 
 
+def check_schedule(kind: str) -> str:
+    """`kind` itself when it names a schedule petformers offers (any case, `_` ignored), else a ValueError."""
+    if str(kind).lower().replace("_", "") not in ALIASES:
+        raise ValueError(f"unknown schedule {kind!r}; use CosineWithWarmUpLR, LinearWithWarmUpLR or ConstantWarmUpLR "
+                         "(or cosine, linear, constant)")
+    return kind
+
+
 def build_schedule(kind: str, learning_rate: float, total_steps: int, warmup_ratio: float | None = None,
                    warmup_steps: int | None = None, lr_end: float = 0.0, warmup_lr_init: float = 0.0) -> Schedule:
-    name = ALIASES.get(str(kind).lower().replace("_", ""))
-    if name is None:
-        raise ConfigError(f"lr_schedule.type: unknown schedule {kind!r}; use CosineWithWarmUpLR, "
-                          "LinearWithWarmUpLR or ConstantWarmUpLR")
+    try:
+        name = ALIASES[check_schedule(kind).lower().replace("_", "")]
+    except ValueError as e:
+        raise ConfigError(f"lr_schedule.type: {e}") from None
     if warmup_steps is None:
         warmup_steps = int(round((warmup_ratio or 0.0) * total_steps))
     return Schedule(name, float(learning_rate), int(total_steps), int(warmup_steps), float(lr_end),
