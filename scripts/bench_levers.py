@@ -63,7 +63,7 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     from petformers.models.llama import build_model
     from petformers.pet.config import PetConfig
     from petformers.pet.inject import apply_lora
-    from petformers.train.datasets import collate
+    from petformers.data.loader import collate
     from petformers.train.loss import chunked_cross_entropy_sum, plain_cross_entropy_sum
 
     if spec.get("threads"):

@@ -23,7 +23,7 @@ from petformers.models.config import LlamaConfig
 from petformers.models.llama import build_model
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import apply_lora
-from petformers.train.datasets import collate
+from petformers.data.loader import collate
 from petformers.train.loss import chunked_cross_entropy_sum, plain_cross_entropy_sum
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from petformers.cli.main import main
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 
 STEPS = 3
 

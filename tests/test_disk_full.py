@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from petformers.cli.main import main
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 
 LIMIT = 16 * 1024  # bytes per file: metrics and configs fit, the step's trainable tensors (~30 KiB) do not
 

@@ -306,7 +306,7 @@ ADAPTER_KEYS = ["peft_type", "r", "lora_alpha", "lora_dropout", "target_modules"
 @given(doc=st.one_of(st.dictionaries(st.sampled_from(ADAPTER_KEYS), yaml_values, max_size=8), yaml_values),
        raw=st.one_of(st.none(), st.binary(max_size=30)))
 def test_fuzz_adapter_config(tmp_path_factory, doc, raw):
-    from petformers.pet.peft_format import read_adapter_config
+    from petformers.checkpoint.peft import read_adapter_config
 
     tmp = tmp_path_factory.mktemp("ad")
     (tmp / "adapter_config.json").write_bytes(raw if raw is not None else json.dumps(doc).encode())

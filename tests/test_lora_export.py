@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from petformers.checkpoint.load import load_pretrained
 from petformers.cli.main import main
-from petformers.pet import PetConfig, apply_lora, lora_state_dict, save_peft_adapter
+from petformers.checkpoint.peft import save_peft_adapter
+from petformers.pet import PetConfig, apply_lora, lora_state_dict
 
 IDS = torch.tensor([[5, 17, 301, 42, 9, 77, 130, 2, 64, 18]])
 

@@ -12,7 +12,8 @@ from petformers.checkpoint.load import load_pretrained
 from petformers.errors import AdapterError
 from petformers.models.config import LlamaConfig
 from petformers.models.llama import build_model
-from petformers.pet import PetConfig, apply_lora, load_peft_adapter, lora_state_dict, save_peft_adapter
+from petformers.checkpoint.peft import load_peft_adapter, save_peft_adapter
+from petformers.pet import PetConfig, apply_lora, lora_state_dict
 
 IDS = torch.tensor([[5, 17, 301, 42, 9, 77, 130, 2, 64, 18], [400, 3, 3, 250, 11, 12, 13, 99, 7, 1]])
 TOL = 1e-5

@@ -380,7 +380,8 @@ def test_adapter_over_quantized_base_exports_merged_and_loads_in_peft(tmp_path, 
     from petformers.checkpoint.load import load_pretrained
     from petformers.cli.common import load_model
     from petformers.cli.main import main
-    from petformers.pet import PetConfig, apply_lora, save_peft_adapter
+    from petformers.checkpoint.peft import save_peft_adapter
+    from petformers.pet import PetConfig, apply_lora
     from petformers.pet.lora import LoRALinear
 
     quant = QuantConfig.from_keys(4)

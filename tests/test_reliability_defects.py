@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from petformers.checkpoint import hf
 from petformers.cli.main import main
 from petformers.errors import CheckpointError
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 
 
 def _model_copy(tiny_model_dir: Path, dest: Path) -> Path:

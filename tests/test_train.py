@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from petformers.cli.main import main
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 from petformers.train.schedule import build_schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from petformers.checkpoint.load import load_pretrained
 from petformers.generate import GenerationConfig, StreamPrinter, generate
 from petformers.models.config import parse_dtype
 from petformers.pet.merge import merge_and_unload
-from petformers.pet.peft_format import load_peft_adapter
+from petformers.checkpoint.peft import load_peft_adapter
 
 MAX_NEW_TOKENS = 512
 

@@ -27,55 +27,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def register(subparsers):
-    p = subparsers.add_parser(
-        "convert", help="convert between MindSpore .ckpt, Hugging Face model directories and PEFT adapters",
-        description="Convert a MindFormers Llama checkpoint (.ckpt file, directory or rank_N/ layout) to a Hugging "
-                    "Face model directory, a Hugging Face Llama directory to a MindFormers .ckpt, or a PEFT "
-                    "adapter to a MindFormers .ckpt (mindpet LoRA tensors, or merged into its base with --merged).")
-    p.add_argument("source", help="the input: a .ckpt file / directory (--from mindspore), a Hugging Face "
-                                  "model directory (--from hf) or a PEFT adapter directory (--from peft)")
-    p.add_argument("--from", dest="src_format", required=True, choices=["mindspore", "hf", "peft"],
-                   help="input format")
-    p.add_argument("--to", dest="dst_format", required=True, choices=["hf", "mindspore"], help="output format")
-    p.add_argument("--config", help="MindFormers YAML whose model.model_config describes the model "
-                                    "(required with --from mindspore)")
-    p.add_argument("--output_dir", required=True, help="where to write the converted model")
-    p.add_argument("--dtype", default=None,
-                   help="dtype of the written weights: float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--tokenizer", default=None,
-                   help="with --to hf: a tokenizer (directory or tokenizer.model) to save beside the weights")
-    p.add_argument("--merged", action="store_true",
-                   help="with --from peft: write the base weights with the adapter merged in, not the adapter alone")
-    p.add_argument("--load_checkpoint", "--base", dest="base", default=None,
-                   help="with --from peft --merged: the base model (.ckpt with --config, or a Hugging Face "
-                        "directory; default: the adapter's base_model_name_or_path)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from petformers.errors import ConfigError
-    from petformers.models.config import parse_dtype
-
-    dtype = parse_dtype(args.dtype, "--dtype") if args.dtype else None
-    pair = (args.src_format, args.dst_format)
-    if pair == ("mindspore", "hf"):
-        if not args.config:
-            raise ConfigError("--config: converting a MindSpore checkpoint needs the MindFormers YAML whose "
-                              "model.model_config describes the model")
-        out = mindspore_to_hf(Path(args.source), Path(args.config), Path(args.output_dir), dtype, args.tokenizer)
-    elif pair == ("hf", "mindspore"):
-        out = hf_to_mindspore(Path(args.source), Path(args.output_dir), dtype)
-    elif pair == ("peft", "mindspore"):
-        out = peft_to_mindspore(Path(args.source), Path(args.output_dir), dtype, args.merged, args.base,
-                                Path(args.config) if args.config else None)
-    else:
-        raise ConfigError(f"--from {args.src_format} --to {args.dst_format}: nothing to convert; "
-                          "use --from mindspore --to hf, --from hf --to mindspore or --from peft --to mindspore")
-    print(out)
-    return 0
-
-
 def read_model_config(yaml_file: Path):
     """(LlamaConfig, pet_config mapping or None) from a MindFormers YAML's model.model_config."""
     import yaml
@@ -167,9 +118,9 @@ def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
 
 def peft_adapter_tensors(adapter_dir: Path) -> dict:
     """A PEFT adapter's tensors under petformers names (`layers.0.attention.wq.lora_a.weight`, `lm_head.weight`)."""
-    from petformers.checkpoint.names import from_hf
+    from petformers.models.names import from_hf
     from petformers.errors import AdapterError
-    from petformers.pet.peft_format import read_adapter_config, read_adapter_tensors
+    from petformers.checkpoint.peft import read_adapter_config, read_adapter_tensors
 
     read_adapter_config(adapter_dir)  # a clear error when this is not an adapter directory
     out = {}
@@ -206,7 +157,7 @@ def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool
 
     from petformers.checkpoint.download import resolve
     from petformers.checkpoint.load import detect_format, load_pretrained
-    from petformers.pet.peft_format import CONFIG_FILE, load_peft_adapter, read_adapter_config
+    from petformers.checkpoint.peft import CONFIG_FILE, load_peft_adapter, read_adapter_config
 
     read_adapter_config(adapter_dir)
     base = base or json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")

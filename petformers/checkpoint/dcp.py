@@ -1,6 +1,6 @@
 """Sharded training checkpoints with torch.distributed.checkpoint (DCP), loadable at any world size.
 
-Two layouts live under `output_dir/checkpoint/step_N/` (see petformers.train.checkpointing):
+Two layouts live under `output_dir/checkpoint/step_N/` (see petformers.checkpoint.training):
 - full: `trainable.safetensors` + `optimizer.pt`, written by rank 0 alone (single process, DDP);
 - sharded: `dcp/` (one `__R_0.distcp` file per rank + `.metadata`), written by every rank (FSDP).
 Both hold the trainable tensors and the optimizer state under petformers parameter names, plus
@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from petformers.distributed.env import DistEnv
 from petformers.errors import CheckpointError
+from petformers.checkpoint import training as checkpointing
 from petformers.faults import kill_point
-from petformers.train import checkpointing
 
 DCP_DIR = "dcp"
 

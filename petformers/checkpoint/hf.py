@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from petformers.checkpoint import names
+from petformers.models import names
 from petformers.jsonio import read_json
 from petformers.safepath import inside
 from petformers.errors import CheckpointError, ConfigError

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from petformers.checkpoint import names
+from petformers.models import names
 from petformers.checkpoint.hf import save_safetensors_atomic, write_json_atomic
 from petformers.jsonio import read_json
 from petformers.errors import AdapterError

@@ -11,7 +11,7 @@ same in PEFT format, usable with `--adapter`), `optimizer.pt` (torch.load(weight
 `rng_state.pt`, `trainer_state.json` (step, epoch, data position, losses), `model_config.json` and
 `pet_config.json` (what `petformers ckpt consolidate` rebuilds the adapter with). Under FSDP the
 trainable tensors and optimizer state are a sharded `dcp/` directory instead, written by every rank
-(petformers.distributed.dcp); either layout resumes at any world size.
+(petformers.checkpoint.dcp); either layout resumes at any world size.
 """
 
 from __future__ import annotations

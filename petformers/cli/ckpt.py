@@ -43,7 +43,7 @@ def register(subparsers):
 
 def find_checkpoint(path: Path) -> Path:
     """A complete checkpoint directory from a step dir, a checkpoint root or a run's output_dir."""
-    from petformers.train import checkpointing
+    from petformers.checkpoint import training as checkpointing
 
     if (path / checkpointing.STATE_FILE).exists():
         return path
@@ -76,7 +76,7 @@ def _read_configs(step: Path, base: str | None):
         pet = PetConfig.from_dict(json.loads((step / "pet_config.json").read_text(encoding="utf-8")),
                                   key_path=str(step / "pet_config.json"))
     elif adapter_cfg.exists():
-        from petformers.pet.peft_format import read_adapter_config
+        from petformers.checkpoint.peft import read_adapter_config
 
         pet = read_adapter_config(step / "adapter")
     else:
@@ -86,7 +86,7 @@ def _read_configs(step: Path, base: str | None):
 
 def run_consolidate(args: argparse.Namespace) -> int:
     from petformers.checkpoint.hf import save_model_dir
-    from petformers.distributed.dcp import read_trainable
+    from petformers.checkpoint.dcp import read_trainable
     from petformers.distributed.parallel import plain_model
     from petformers.models.config import parse_dtype
 
@@ -106,14 +106,15 @@ def run_consolidate(args: argparse.Namespace) -> int:
         save_model_dir(tensors, config, out / "merged", tokenizer=tokenizer, dtype=dtype)
         log.info("petformers: %s (full training) -> %s", step, out / "merged")
         return 0
-    from petformers.pet.peft_format import save_peft_adapter
+    from petformers.checkpoint.peft import save_peft_adapter
 
     adapter_only = plain_model(config, pet, tensors, parse_dtype(config.compute_dtype))  # base on meta: no memory
     save_peft_adapter(adapter_only, pet, out / "adapter", base_name)
     log.info("petformers: %s -> %s", step, out / "adapter")
     if args.merged:
         from petformers.checkpoint.load import load_pretrained
-        from petformers.pet import load_peft_adapter, merge_and_unload
+        from petformers.checkpoint.peft import load_peft_adapter
+        from petformers.pet import merge_and_unload
 
         model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype)
         load_peft_adapter(model, out / "adapter")

@@ -102,7 +102,7 @@ def load_model(args):
     apply_chat_template_args(tokenizer, args)
     if getattr(args, "adapter", None):
         from petformers.pet.merge import merge_and_unload
-        from petformers.pet.peft_format import load_peft_adapter
+        from petformers.checkpoint.peft import load_peft_adapter
 
         load_peft_adapter(model, args.adapter)
         if quantization is None:

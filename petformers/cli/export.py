@@ -71,8 +71,9 @@ def register(subparsers):
 def run_merge(args: argparse.Namespace) -> int:
     from petformers.checkpoint.hf import save_model_dir
     from petformers.checkpoint.load import load_pretrained
+    from petformers.checkpoint.peft import load_peft_adapter
     from petformers.cli.common import quantization_from_args
-    from petformers.pet import load_peft_adapter, merge_and_unload
+    from petformers.pet import merge_and_unload
 
     dtype = parse_dtype(args.dtype, key="--dtype")
     # Loaded in the output dtype (half the memory of float32 for a bf16 export); LoRALinear still

@@ -14,7 +14,7 @@ import re
 
 import torch.nn as nn
 
-from petformers.checkpoint import names
+from petformers.models import names
 from petformers.errors import AdapterError, ConfigError
 from petformers.quant.linear import QuantLinear
 

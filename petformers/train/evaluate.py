@@ -60,7 +60,7 @@ def _load_for_inference(cfg, env):
     model, tokenizer = load_model_for_run(cfg, env)
     if cfg.adapter:
         from petformers.pet.merge import merge_and_unload
-        from petformers.pet.peft_format import load_peft_adapter
+        from petformers.checkpoint.peft import load_peft_adapter
 
         load_peft_adapter(model, cfg.adapter)
         model = merge_and_unload(model)
@@ -68,7 +68,7 @@ def _load_for_inference(cfg, env):
 
 
 def run_eval(cfg, env, out: Path) -> dict:
-    from petformers.train.datasets import open_dataset
+    from petformers.data.loader import open_dataset
     from petformers.train.loop import evaluate_loss
 
     path = cfg.data.eval_dataset_dir or cfg.data.train_dataset_dir

@@ -25,7 +25,7 @@ from petformers.distributed.parallel import clip_grad_norm
 from petformers.errors import TrainingError
 from petformers.faults import kill_point
 from petformers.models.config import parse_dtype
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 from petformers.train.loss import chunked_cross_entropy_sum
 from petformers.train.optimizer import build_optimizer
 from petformers.train.schedule import build_schedule
@@ -122,7 +122,7 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
     `forward` gives hidden states (default `model.hidden_states`; the FSDP wrapper when sharded).
     Every rank runs the same number of batches (a rank out of rows repeats row 0, uncounted):
     under FSDP each forward is a collective."""
-    from petformers.train.datasets import collate
+    from petformers.data.loader import collate
 
     was_training = model.training
     model.eval()
@@ -150,7 +150,7 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
 
 def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, metrics, pet_config=None) -> dict:
     """Run the optimizer steps; returns the run summary. `model` already carries its adapters."""
-    from petformers.train.datasets import collate
+    from petformers.data.loader import collate
 
     device = env.device
     pad_id = tokenizer.pad_id if tokenizer is not None else (model.config.pad_token_id or 0)
@@ -185,7 +185,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         """PEFT adapter of `model`, or (sharded) of whole `tensors` gathered on rank 0."""
         if pet_config is not None:
             from petformers.distributed.parallel import plain_model
-            from petformers.pet.peft_format import save_peft_adapter
+            from petformers.checkpoint.peft import save_peft_adapter
 
             source = model if tensors is None else plain_model(model.config, pet_config, tensors,
                                                                 compute_dtype_of(cfg))
@@ -198,7 +198,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     if cfg.resume_training:
         good = checkpointing.latest_good_checkpoint(ckpt_root, warn=env.is_main)
         if good is not None:
-            from petformers.distributed import dcp
+            from petformers.checkpoint import dcp
 
             if sharded or dcp.is_sharded(good):  # resharded to this world size (auto_trans_ckpt)
                 rng, state = dcp.load_checkpoint(good, model, optimizer)
@@ -224,7 +224,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                  "global_batch": plan.global_batch, "total_steps": total, "reason": reason,
                  "world_size": env.world_size}
         if sharded:  # every rank writes its shards
-            from petformers.distributed import dcp
+            from petformers.checkpoint import dcp
 
             path = dcp.save_sharded_checkpoint(ckpt_root, step, model, optimizer, state, cfg.checkpoint.keep_checkpoint_max,
                                                env, write_adapter if pet_config is not None else None, ckpt_meta)

@@ -139,7 +139,7 @@ def _count_rows(cfg) -> int | None:
     if not path.exists():
         return None
     tokenizer = _tokenizer_for(cfg)
-    from petformers.train.datasets import open_dataset
+    from petformers.data.loader import open_dataset
 
     return len(open_dataset(str(path), tokenizer, cfg.model.seq_length, cfg.data.template, cfg.data.packing, cfg.data.drop_long,
                             cfg.run_mode, progress=False))
@@ -200,7 +200,7 @@ def load_model_for_run(cfg, env: DistEnv):
 
 def _raw_inputs(cfg) -> str:
     """What in this run needs a tokenizer ('' when nothing: every dataset is already token ids)."""
-    from petformers.train.datasets import dataset_kind
+    from petformers.data.loader import dataset_kind
 
     if cfg.run_mode == "predict":
         return "run_mode predict"
@@ -345,7 +345,7 @@ def return_freed_memory_to_os():
 
 
 def _finetune(cfg, env: DistEnv, out: Path) -> dict:
-    from petformers.train.datasets import open_dataset
+    from petformers.data.loader import open_dataset
     from petformers.train.loop import train
     from petformers.train.metrics_log import MetricsLog, plot_loss
 
@@ -360,7 +360,7 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
         apply_lora(model, pet)  # logs the trainable / total parameter report
         load_checkpoint_lora(cfg, model)
         if cfg.adapter:  # replaces a checkpoint's LoRA
-            from petformers.pet.peft_format import load_peft_adapter
+            from petformers.checkpoint.peft import load_peft_adapter
 
             load_peft_adapter(model, cfg.adapter)
     elif cfg.run_mode == "finetune":
@@ -395,7 +395,7 @@ def _write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started
                  "checkpoints": str(out / "checkpoint")}
     if not summary.get("stopped"):
         if pet is not None:
-            from petformers.pet.peft_format import save_peft_adapter
+            from petformers.checkpoint.peft import save_peft_adapter
 
             save_peft_adapter(model, pet, out / "adapter", getattr(model, "name_or_path", ""))
             artefacts["adapter"] = str(out / "adapter")
