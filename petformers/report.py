@@ -23,7 +23,10 @@ import json
 import os
 from pathlib import Path
 
+from petformers import __version__
 from petformers.errors import ConfigError, PetformersError
+from petformers.eval.metrics import exact_match
+from petformers.train.metrics_log import loss_png_bytes, read_metrics
 
 REPORT_NAME = "report.html"
 MAX_SAMPLES = 20  # sample generations shown; the rest are counted
@@ -129,8 +132,6 @@ def _config_section(run: Path) -> str:
 
 
 def _loss_section(run: Path) -> str:
-    from petformers.train.metrics_log import loss_png_bytes, read_metrics
-
     parts = []
     records = None
     metrics_path = run / "metrics.jsonl"
@@ -203,8 +204,6 @@ def _metrics_section(before: dict, after: dict, why_before, why_after) -> str:
 
 
 def _samples_section(before: list[dict], after: list[dict]) -> str:
-    from petformers.eval.metrics import exact_match
-
     base = after or before
     if not base:
         return _na("no samples in eval_before.json / eval_after.json")
@@ -259,8 +258,6 @@ def _artefacts_section(run: Path) -> str:
 
 def render_report(run_dir: str | os.PathLike) -> str:
     """The report of `run_dir` as one HTML string."""
-    from petformers import __version__
-
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"--output_dir {run}: no such run directory")

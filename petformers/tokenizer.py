@@ -19,8 +19,20 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
+import os
+import signal
+import threading
 from datetime import datetime
 from pathlib import Path
+
+import sentencepiece as spm
+from jinja2 import TemplateError
+from jinja2.exceptions import SecurityError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from petformers.errors import TokenizerError
 from petformers.jsonio import read_json
@@ -148,7 +160,6 @@ class Tokenizer:
         extra_eos = gen.get("eos_token_id")
         extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
         if (path / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
             try:
                 backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:
@@ -176,7 +187,6 @@ class Tokenizer:
 
     @classmethod
     def from_sentencepiece(cls, model_file: str | Path) -> "Tokenizer":
-        import sentencepiece as spm
         if not Path(model_file).is_file():
             raise TokenizerError(f"{model_file}: no such file (a SentencePiece tokenizer.model is needed)")
         sp = spm.SentencePieceProcessor()
@@ -192,8 +202,6 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict, source: str = "") -> "Tokenizer":
         """Rebuild the tokenizer a GGUF describes: byte-level BPE ('gpt2', Llama 3, SmolLM) or
         SentencePiece BPE ('llama', Llama 2 / Mistral), as transformers rebuilds them."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer
-
         kind = meta.get("tokenizer.ggml.model")
         if kind not in ("gpt2", "llama"):
             raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported ('gpt2' byte-level "
@@ -272,8 +280,6 @@ def _bpe_from_vocab_merges(path: Path, cfg: dict, specials: list[str | None]):
     split pattern; also when tokenizer_config.json names no class, as MindFormers' Qwen2.5 directories)
     or GPT2Tokenizer's. Added tokens come from tokenizer_config.json's `added_tokens_decoder` at their ids,
     then the special tokens it names (Qwen2Tokenizer adds them when missing)."""
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
-
     cls_name = cfg.get("tokenizer_class")
     if cls_name not in _QWEN2_CLASSES + _GPT2_CLASSES:
         raise TokenizerError(f"{path / 'tokenizer_config.json'}: tokenizer_class {cls_name!r} with vocab.json + "
@@ -314,10 +320,6 @@ def _bpe_from_vocab_merges(path: Path, cfg: dict, specials: list[str | None]):
 
 
 def _gguf_byte_level_bpe(meta: dict, source: str):
-    import logging
-
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -348,8 +350,6 @@ def _gguf_sentencepiece_bpe(meta: dict):
     """A SentencePiece BPE vocabulary (Llama 2, Mistral) as a `tokenizers` BPE with byte fallback.
     Files without merges get them from the token scores: a piece made of two pieces is their merge,
     ranked by its score (what transformers does for these files)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}
     if meta.get("tokenizer.ggml.merges"):
@@ -386,9 +386,6 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     of the messages), stopped with one line when it runs longer than PETFORMERS_TEMPLATE_TIMEOUT
     seconds (a template from a downloaded tokenizer may loop for ever: sandboxed `range` is capped at
     100,000, but nested loops are not)."""
-    from jinja2 import TemplateError
-    from jinja2.exceptions import SecurityError
-
     try:
         with _time_limit():
             return _compile_chat_template(template).render(messages=messages,
@@ -411,8 +408,6 @@ class _TemplateTimeout(Exception):
 
 
 def _template_seconds() -> float:
-    import os
-
     try:
         return float(os.environ.get("PETFORMERS_TEMPLATE_TIMEOUT", TEMPLATE_SECONDS))
     except ValueError:
@@ -422,9 +417,6 @@ def _template_seconds() -> float:
 @contextlib.contextmanager
 def _time_limit():
     """SIGALRM after the limit, in the main thread (elsewhere signals cannot interrupt; no limit there)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -445,9 +437,6 @@ MAX_TEMPLATE_VALUE = 1 << 20  # longest string / list a template may build with 
 
 
 def _bounded_sandbox():
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         """The immutable sandbox, plus a bound on `*` and `**`: one expression must not allocate
         gigabytes (`'x' * 10**10`) before the time limit can stop it."""
@@ -470,8 +459,6 @@ def _bounded_sandbox():
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(template: str):
     """Compiled once per template: compiling takes milliseconds, rendering microseconds (data prep renders 100k+)."""
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
     _BoundedSandbox = _bounded_sandbox()
 
     def raise_exception(message):
@@ -493,6 +480,5 @@ def _compile_chat_template(template: str):
 def _read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
-    from petformers.jsonio import read_json
 
     return read_json(path, TokenizerError)

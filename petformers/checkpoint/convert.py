@@ -1,4 +1,6 @@
-"""`petformers convert`: MindSpore / MindFormers `.ckpt` <-> Hugging Face model directories and PEFT adapters.
+"""Conversions between MindSpore / MindFormers `.ckpt`, Hugging Face model directories and PEFT adapters.
+
+The `petformers convert` command (petformers/cli/convert.py) reads the MindFormers YAML and calls these:
 
     petformers convert --from mindspore X.ckpt --config YAML --to hf --output_dir OUT
     petformers convert --from hf DIR --to mindspore --output_dir OUT
@@ -6,8 +8,8 @@
     petformers convert --from peft ADAPTER_DIR --to mindspore --output_dir OUT --merged \
         --load_checkpoint BASE.ckpt --config YAML
 
-A `.ckpt` carries no shapes' meaning, so `--config` (a MindFormers YAML) gives the architecture
-through `model.model_config`; a checkpoint holding mindpet LoRA tensors is merged with its
+A `.ckpt` carries no shapes' meaning, so the caller gives the architecture (a MindFormers YAML's
+`model.model_config`, read by petformers.config.load.read_model_section); a checkpoint holding mindpet LoRA tensors is merged with its
 `pet_config` (W + alpha/r·B@A, as transform_ckpt_lora does). The Hugging Face directory written
 loads in transformers; the `.ckpt` written has MindFormers' names and loads in MindFormers.
 
@@ -20,49 +22,36 @@ MindFormers' transform_ckpt_lora writes them, for a plain (non-PET) MindFormers 
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 from pathlib import Path
+
+import torch
+
+from petformers.checkpoint import hf, mindspore_load
+from petformers.checkpoint.download import resolve
+from petformers.checkpoint.hf import save_model_dir
+from petformers.checkpoint.load import detect_format, load_pretrained, load_tokenizer
+from petformers.checkpoint.mindspore_load import (expected_shapes, iter_base_tensors, merge_lora_tensors,
+                                                  mindpet_lora_tensors, save_mindformers_ckpt)
+from petformers.checkpoint.peft import CONFIG_FILE, load_peft_adapter, read_adapter_config, read_adapter_tensors
+from petformers.errors import AdapterError, CheckpointError, ConfigError
+from petformers.models.config import LlamaConfig
+from petformers.models.names import from_hf
+from petformers.pet.config import PetConfig
 
 log = logging.getLogger(__name__)
 
 
-def read_model_config(yaml_file: Path):
-    """(LlamaConfig, pet_config mapping or None) from a MindFormers YAML's model.model_config."""
-    import yaml
-
-    from petformers.errors import ConfigError
-    from petformers.models.config import LlamaConfig
-
-    try:
-        cfg = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{yaml_file}: cannot be read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{yaml_file}: invalid YAML{where}") from None
-    mc = ((cfg or {}).get("model") or {}).get("model_config") if isinstance(cfg, dict) else None
-    if not isinstance(mc, dict):
-        raise ConfigError(f"{yaml_file}: no model.model_config section (it gives the model's shapes)")
-    pet = mc.get("pet_config")
-    config = LlamaConfig.from_mindformers({k: v for k, v in mc.items() if k != "pet_config"})
-    return config, pet
-
-
-def mindspore_to_hf(source: Path, yaml_file: Path, out_dir: Path, dtype=None, tokenizer_path=None) -> Path:
-    """A MindFormers checkpoint (LoRA merged) -> a Hugging Face model directory; returns the directory."""
-    from petformers.checkpoint.hf import save_model_dir
-    from petformers.checkpoint.mindspore_load import iter_base_tensors, merge_lora_tensors, mindpet_lora_tensors
-    from petformers.errors import AdapterError, ConfigError
-    from petformers.pet.config import PetConfig
-
-    config, pet = read_model_config(yaml_file)
+def mindspore_to_hf(source: Path, config: LlamaConfig, pet: dict | None, out_dir: Path, dtype=None,
+                    tokenizer_path=None, config_source: str = "the YAML") -> Path:
+    """A MindFormers checkpoint (LoRA merged with `pet`, the YAML's pet_config) -> a Hugging Face model
+    directory; returns the directory. `config_source` names the YAML in errors."""
     state = dict(iter_base_tensors(source, config))
     lora = mindpet_lora_tensors(source, config)
     if lora:
         if not pet:
-            raise ConfigError(f"{yaml_file}: {source} holds mindpet LoRA tensors but model.model_config has no "
+            raise ConfigError(f"{config_source}: {source} holds mindpet LoRA tensors but model.model_config has no "
                               "pet_config (its lora_alpha is needed to merge them)")
         pet_config = PetConfig.from_dict(pet)
         ranks = {t.shape[0] for n, t in lora.items() if ".lora_a." in n}
@@ -76,8 +65,6 @@ def mindspore_to_hf(source: Path, yaml_file: Path, out_dir: Path, dtype=None, to
         dtype = state["tok_embeddings.weight"].dtype
     tokenizer = None
     if tokenizer_path:
-        from petformers.checkpoint.load import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_path)
     save_model_dir(state, config, out_dir, tokenizer=tokenizer, dtype=dtype)
     log.info("petformers: wrote Hugging Face model to %s", out_dir)
@@ -86,10 +73,6 @@ def mindspore_to_hf(source: Path, yaml_file: Path, out_dir: Path, dtype=None, to
 
 def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
     """A Hugging Face Llama directory -> `OUT/<source name>.ckpt` with MindFormers names; returns the file."""
-    from petformers.checkpoint import hf
-    from petformers.checkpoint.mindspore_load import expected_shapes, save_mindformers_ckpt
-    from petformers.errors import CheckpointError
-
     config = hf.read_config(source)
     expected = expected_shapes(config)
     state = {}
@@ -118,10 +101,6 @@ def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
 
 def peft_adapter_tensors(adapter_dir: Path) -> dict:
     """A PEFT adapter's tensors under petformers names (`layers.0.attention.wq.lora_a.weight`, `lm_head.weight`)."""
-    from petformers.models.names import from_hf
-    from petformers.errors import AdapterError
-    from petformers.checkpoint.peft import read_adapter_config, read_adapter_tensors
-
     read_adapter_config(adapter_dir)  # a clear error when this is not an adapter directory
     out = {}
     for key, tensor in read_adapter_tensors(adapter_dir).items():
@@ -140,11 +119,9 @@ def peft_adapter_tensors(adapter_dir: Path) -> dict:
 
 
 def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool = False, base: str | None = None,
-                      yaml_file: Path | None = None) -> Path:
-    """A PEFT adapter -> a MindFormers `.ckpt`: the adapter alone (mindpet names), or merged into its base model."""
-    from petformers.checkpoint.mindspore_load import save_mindformers_ckpt
-    from petformers.errors import ConfigError
-
+                      base_config: LlamaConfig | None = None) -> Path:
+    """A PEFT adapter -> a MindFormers `.ckpt`: the adapter alone (mindpet names), or merged into its base model
+    (`base_config`: the architecture of a MindSpore base, which carries none)."""
     if not merged:
         if base:
             raise ConfigError("--load_checkpoint: a base model is used with --merged only (the adapter alone "
@@ -153,11 +130,6 @@ def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool
                                      mode="trainable", dtype=dtype)
         log.info("petformers: wrote %s (LoRA tensors only: load it beside the base .ckpt)", path)
         return path
-    import json
-
-    from petformers.checkpoint.download import resolve
-    from petformers.checkpoint.load import detect_format, load_pretrained
-    from petformers.checkpoint.peft import CONFIG_FILE, load_peft_adapter, read_adapter_config
 
     read_adapter_config(adapter_dir)
     base = base or json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -165,10 +137,10 @@ def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool
         raise ConfigError(f"--load_checkpoint: {adapter_dir / CONFIG_FILE} names no base model; pass the base")
     config = None
     if detect_format(resolve(base)) == "mindspore":
-        if yaml_file is None:
+        if base_config is None:
             raise ConfigError(f"--config: the base {base} is a MindSpore checkpoint; pass the MindFormers YAML whose "
                               "model.model_config describes it")
-        config, _ = read_model_config(yaml_file)
+        config = base_config
     stored = _stored_dtype(base, config)  # merge in the base's own dtype: a bf16 7B stays bf16
     model, _ = load_pretrained(base, dtype=stored, config=config, with_tokenizer=False)
     load_peft_adapter(model, adapter_dir)
@@ -180,10 +152,6 @@ def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool
 
 def _stored_dtype(base: str, config):
     """The floating dtype the base model's weights are stored in."""
-    from petformers.checkpoint import hf, mindspore_load
-    from petformers.checkpoint.download import resolve
-    from petformers.checkpoint.load import detect_format
-
     path = resolve(base)
     fmt = detect_format(path)
     tensors = mindspore_load.iter_base_tensors(path, config) if fmt == "mindspore" else \
@@ -191,6 +159,5 @@ def _stored_dtype(base: str, config):
     for _, tensor in tensors:
         if tensor.is_floating_point():
             return tensor.dtype
-    import torch
 
     return torch.float32

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from petformers.distributed.env import DistEnv
-from petformers.errors import CheckpointError
 from petformers.checkpoint import training as checkpointing
+from petformers.distributed.env import DistEnv
+from petformers.distributed.parallel import gather_full_state
+from petformers.errors import CheckpointError
 from petformers.faults import kill_point
 
 DCP_DIR = "dcp"
@@ -36,6 +37,7 @@ def is_sharded(path: Path) -> bool:
 
 
 def _options(full: bool = False):
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Trainable tensors only: the frozen base comes from load_checkpoint, never from a training
@@ -64,10 +66,9 @@ def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer, 
     trainable tensors on rank 0 (gathered from the shards; LoRA adapters are small). Returns the
     checkpoint directory on rank 0, None elsewhere.
     """
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from petformers.distributed.parallel import gather_full_state
 
     tmp = [str(checkpointing.begin_checkpoint(root, step)) if env.is_main else None]
     if env.enabled:
@@ -104,6 +105,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict
 
 
 def _load_sharded(path: Path, model: nn.Module, optimizer):
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -123,6 +125,7 @@ def _load_sharded(path: Path, model: nn.Module, optimizer):
 
 def _load_full_into(path: Path, model: nn.Module, optimizer):
     """A full checkpoint (rank 0's whole tensors) into this run's model, split into shards under FSDP."""
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     tensors, opt_state, _, _ = checkpointing.load_checkpoint(path)
@@ -145,6 +148,7 @@ def _check_keys(path: Path, expected: set[str], found: set[str]):
 
 def _saved_model_keys(path: Path) -> dict:
     """{name: TensorStorageMetadata} of the trainable tensors in a sharded checkpoint."""
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -162,6 +166,7 @@ def read_trainable(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not is_sharded(path):
         return checkpointing.load_checkpoint(path)[0]
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     import torch.distributed.checkpoint as dcp
 
     tensors = {name: torch.empty(meta.size, dtype=meta.properties.dtype)

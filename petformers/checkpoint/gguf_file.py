@@ -34,7 +34,7 @@ _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "
 
 
 def open_reader(path: Path):
-    import gguf
+    import gguf  # gguf imports its whole writer and quant tables: only .gguf users pay for it
 
     try:
         return gguf.GGUFReader(str(path))
@@ -149,7 +149,7 @@ def iter_tensors(reader, n_heads: int, n_kv_heads: int, source: str, keep_blocks
     """(petformers name, float32 tensor) pairs; with keep_blocks, 2-D block-quantized tensors come as
     `Blocks` instead (q/k rows un-permuted like the float ones: rows are whole blocks). `permuted`: undo
     llama.cpp's q/k row permutation (see permuted_qk)."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # as in open_reader: only .gguf users pay for it
 
     for t in reader.tensors:
         name = gguf_name(t.name)
@@ -177,3 +177,14 @@ def _unpermute_named(name: str, tensor: torch.Tensor, n_heads: int, n_kv_heads: 
     if permuted and name.endswith(("attention.wk.weight", "attention.wk.bias")):
         return _unpermute(tensor, n_kv_heads)
     return tensor
+
+
+def gguf_tensor_bytes(path) -> dict[str, int]:
+    """Bytes of each block-quantized 2-D tensor of a GGUF file, by petformers name (for the dry run)."""
+    reader = open_reader(path)
+    out = {}
+    for t in reader.tensors:
+        name = gguf_name(t.name)
+        if name is not None and gguf_blocks.is_block_type(t.tensor_type) and len(t.shape) == 2:
+            out[name] = int(t.n_bytes)
+    return out

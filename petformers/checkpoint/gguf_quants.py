@@ -58,13 +58,13 @@ FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_0": "F16", "Q4_1
 
 
 def ggml_type(name: str):
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     return gguf.GGMLQuantizationType[name]
 
 
 def block_size(qtype: str) -> int:
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     return gguf.GGML_QUANT_SIZES[ggml_type(qtype)][0]
 
@@ -83,7 +83,7 @@ def usable_type(qtype: str, row_length: int) -> str:
 
 def nbytes(qtype: str, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of `shape` (numpy order, rows last) stored as `qtype`."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     block, size = gguf.GGML_QUANT_SIZES[ggml_type(qtype)]
     n = int(np.prod(shape))
@@ -92,7 +92,7 @@ def nbytes(qtype: str, shape: tuple[int, ...]) -> int:
 
 def quantize(array: np.ndarray, qtype: str) -> np.ndarray:
     """float32 array [..., row] -> the GGUF bytes (uint8 [..., row_bytes]) or float array of `qtype`."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     array = np.ascontiguousarray(array, dtype=np.float32)
     if qtype in ("Q4_K", "Q6_K"):

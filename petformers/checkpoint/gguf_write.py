@@ -25,6 +25,7 @@ from petformers.checkpoint import gguf_quants
 from petformers.errors import CheckpointError, ConfigError
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], outtype: gguf_quants.Out
 
 def add_model_metadata(writer, config, family: Family, tokenizer_kv: Callable, name: str, file_type: int,
                        quantized: bool, general: dict | None = None):
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     writer.add_type(gguf.GGUFType.MODEL)
     for key, value in (general or {}).items():  # general.* strings carried over from a GGUF base
@@ -180,7 +181,7 @@ def llama3_rope_factors(config) -> np.ndarray:
 
 def gguf_source_kv(reader, prefix: str) -> Callable:
     """Copy every `prefix*` key of a source GGUF with its exact value types (tokenizer.*: no re-encoding)."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     fields = [f for key, f in reader.fields.items() if key.startswith(prefix)]
 
@@ -246,7 +247,7 @@ def bpe_pre_type(pre_tokenizer: dict | None, source: str) -> str:
 
 
 def _bpe_kv(tokenizer, vocab_size: int) -> Callable:
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
@@ -281,7 +282,7 @@ def _bpe_kv(tokenizer, vocab_size: int) -> Callable:
 
 
 def _sentencepiece_kv(tokenizer, vocab_size: int) -> Callable:
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     sp = tokenizer.backend
     n = sp.get_piece_size()
@@ -328,8 +329,7 @@ class PlannedTensor:
 def write_gguf(path: Path, arch: str, add_metadata: Callable, tensors: list[PlannedTensor],
                progress: bool = True) -> Path:
     """Stream `tensors` into a GGUF at `path`, atomically (temp file, fsync, rename)."""
-    import gguf
-    from tqdm import tqdm
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     path = Path(path)
     if path.is_dir():
@@ -378,7 +378,7 @@ class MergedSource:
 
 def plan_merged(src: MergedSource, outtype: gguf_quants.OutType) -> tuple[list[PlannedTensor], dict]:
     """The tensors of a merged GGUF, in llama.cpp's order, and what was copied block for block."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     config = src.model.config
     family = family_of(config)
@@ -431,7 +431,7 @@ def _field(reader, key: str):
 def write_merged_gguf(src: MergedSource, path: Path, outtype: str, tokenizer_kv: Callable,
                       general: dict | None = None, progress: bool = True) -> dict:
     """The merged model as one GGUF; returns what was done (tensors copied/quantized, types, bytes)."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     if outtype not in gguf_quants.OUTTYPES:
         raise CheckpointError(f"--outtype {outtype!r} is not supported; use one of "
@@ -455,7 +455,7 @@ def write_merged_gguf(src: MergedSource, path: Path, outtype: str, tokenizer_kv:
 
 def general_from_gguf(reader) -> dict:
     """general.* strings of a GGUF base worth keeping (name, license, ...), not its type or file type."""
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     skip = {"general.architecture", "general.type", "general.file_type", "general.quantization_version",
             "general.alignment"}
@@ -503,7 +503,7 @@ def plan_lora(model: torch.nn.Module, alpha: float, dtype: str = "F32") -> list[
 
 def write_lora_gguf(model: torch.nn.Module, path: Path, alpha: float, name: str, dtype: str = "F32",
                     progress: bool = True) -> dict:
-    import gguf
+    import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     family = family_of(model.config)
     planned = plan_lora(model, alpha, dtype)

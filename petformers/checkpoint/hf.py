@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from petformers.models import names
-from petformers.jsonio import read_json
-from petformers.safepath import inside
 from petformers.errors import CheckpointError, ConfigError
+from petformers.jsonio import read_json
+from petformers.models import names
 from petformers.models.config import LlamaConfig
+from petformers.safepath import inside
 
 
 def read_config(path: Path) -> LlamaConfig:
@@ -51,8 +54,6 @@ def weight_files(path: Path) -> list[Path]:
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(petformers_name, tensor) for every weight, one shard at a time, memory-mapped."""
-    from safetensors import safe_open
-
     for f in weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as st:
@@ -68,10 +69,6 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
     """safetensors written to a temp file, fsynced, then renamed over `file`."""
-    import os
-
-    from safetensors.torch import save_file
-
     tmp = file.with_name(file.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
@@ -80,8 +77,6 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metada
 
 
 def write_json_atomic(obj, file: Path):
-    import os
-
     tmp = file.with_name(file.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)

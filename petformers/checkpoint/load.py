@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from petformers.checkpoint import download, gguf_file, hf, meta_pth
+from petformers.checkpoint import download, gguf_file, hf, meta_pth, mindspore_load
 from petformers.checkpoint.materialize import materialize
 from petformers.errors import CheckpointError
 from petformers.models.config import LlamaConfig
@@ -107,8 +107,6 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
         if with_tokenizer:
             tokenizer = Tokenizer.from_gguf_metadata(metadata, source=str(path))
     else:
-        from petformers.checkpoint import mindspore_load  # issue 9: MindSpore .ckpt files
-
         if config is None:
             raise CheckpointError(f"{path}: a MindSpore checkpoint carries no config; "
                                   "run it with a YAML whose model.model_config describes the model")

@@ -33,6 +33,7 @@ import torch
 from petformers.checkpoint.mindspore_ckpt import read_ckpt, write_ckpt
 from petformers.errors import AdapterError, CheckpointError
 from petformers.models.config import LlamaConfig
+from petformers.models.llama import build_model
 
 _TOP = {
     "model.tok_embeddings.embedding_weight": "tok_embeddings.weight",
@@ -206,8 +207,6 @@ def read_model_tensors(path, expected: dict | None = None) -> dict[str, torch.Te
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """petformers parameter name -> shape for `config`, without allocating any weight."""
-    from petformers.models.llama import build_model
-
     return {n: tuple(t.shape) for n, t in build_model(config, device="meta").state_dict().items()}
 
 

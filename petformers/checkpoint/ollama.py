@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from petformers.tokenizer import render_chat_template
+import os
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def modelfile_text(gguf_name: str, tokenizer) -> str:
 
 def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     """`Modelfile` beside the GGUF (atomic)."""
-    import os
-
     gguf_path = Path(gguf_path)
     out = gguf_path.parent / "Modelfile"
     tmp = out.with_name("Modelfile.tmp")

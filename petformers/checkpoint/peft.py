@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
-from petformers.models import names
 from petformers.checkpoint.hf import save_safetensors_atomic, write_json_atomic
-from petformers.jsonio import read_json
 from petformers.errors import AdapterError
+from petformers.jsonio import read_json
+from petformers.models import names
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import adapter_parameters, apply_lora, load_lora_state_dict, lora_state_dict
 from petformers.pet.lora import LoRALinear
 from petformers.pet.matching import LINEAR_TYPES, pattern_value
+from petformers.pet.merge import merge_and_unload
 from petformers.pet.module_to_save import ModuleToSave
 
 CONFIG_FILE = "adapter_config.json"
@@ -121,7 +123,6 @@ def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{adapter_dir}: only adapter_model.bin (pickle) found; petformers reads "
                                "safetensors only (never unpickles downloaded files): re-save with safe_serialization")
         raise AdapterError(f"{adapter_dir}: no {WEIGHTS_FILE}")
-    from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="pt") as st:
@@ -165,6 +166,13 @@ def load_peft_adapter(model: nn.Module, adapter_dir) -> PetConfig:
         state[name] = tensors[key]
     load_lora_state_dict(model, state, source=str(file))
     return pet_config
+
+
+def merge_adapter(model: nn.Module, adapter_dir) -> tuple[nn.Module, PetConfig]:
+    """`model` with the adapter at `adapter_dir` folded into its weights (W + scaling·B@A), and the
+    adapter's config: the one way predict, chat, eval, export and consolidate apply an adapter."""
+    pet_config = load_peft_adapter(model, adapter_dir)
+    return merge_and_unload(model), pet_config
 
 
 def _check_same_scaling(model: nn.Module, c: PetConfig, source: Path):

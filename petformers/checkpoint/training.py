@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import CheckpointError
@@ -179,7 +180,7 @@ def _put_in_place(tmp: Path, final: Path):
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two directories (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
+    import ctypes  # only this Linux-only system call needs it
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -267,8 +268,6 @@ def latest_good_checkpoint(root: Path, warn: bool = True) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     """(trainable tensors, optimizer state, rng state, trainer state) of one checkpoint directory."""
-    from safetensors.torch import load_file
-
     try:
         trainable = load_file(str(path / "trainable.safetensors"))
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

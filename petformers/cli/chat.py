@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from petformers.cli.common import add_generation_args, add_model_args, generation_config, load_model
+from petformers.generate import StreamPrinter, generate
+from petformers.inference import encode_prompt
 
 HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) quits."
 
@@ -18,10 +22,6 @@ def register(subparsers):
 
 
 def run(args):
-    import torch
-
-    from petformers.generate import StreamPrinter, generate
-
     model, tokenizer = load_model(args)
     cfg = generation_config(args)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
@@ -42,7 +42,7 @@ def run(args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        ids = encode_prompt(messages, "chat", tokenizer)
         sys.stdout.write("assistant> ")
 
         def write(text):

@@ -17,7 +17,15 @@ import json
 import logging
 from pathlib import Path
 
+from petformers.checkpoint import training as checkpointing
+from petformers.checkpoint.dcp import read_trainable
+from petformers.checkpoint.hf import save_model_dir
+from petformers.checkpoint.load import load_config, load_pretrained, load_tokenizer
+from petformers.checkpoint.peft import merge_adapter, read_adapter_config, save_peft_adapter
+from petformers.distributed.parallel import plain_model
 from petformers.errors import CheckpointError
+from petformers.models.config import LlamaConfig, parse_dtype
+from petformers.pet.config import PetConfig
 
 log = logging.getLogger("petformers")
 
@@ -43,8 +51,6 @@ def register(subparsers):
 
 def find_checkpoint(path: Path) -> Path:
     """A complete checkpoint directory from a step dir, a checkpoint root or a run's output_dir."""
-    from petformers.checkpoint import training as checkpointing
-
     if (path / checkpointing.STATE_FILE).exists():
         return path
     for root in (path / "checkpoint", path):
@@ -57,14 +63,9 @@ def find_checkpoint(path: Path) -> Path:
 
 def _read_configs(step: Path, base: str | None):
     """(LlamaConfig, PetConfig or None, base model name) as the training run saved them."""
-    from petformers.models.config import LlamaConfig
-    from petformers.pet.config import PetConfig
-
     if (step / "model_config.json").exists():
         config = LlamaConfig(**json.loads((step / "model_config.json").read_text(encoding="utf-8")))
     elif base:
-        from petformers.checkpoint.load import load_config
-
         config = load_config(base)[0]
     else:
         raise CheckpointError(f"{step}: no model_config.json; pass --load_checkpoint with the base model")
@@ -76,8 +77,6 @@ def _read_configs(step: Path, base: str | None):
         pet = PetConfig.from_dict(json.loads((step / "pet_config.json").read_text(encoding="utf-8")),
                                   key_path=str(step / "pet_config.json"))
     elif adapter_cfg.exists():
-        from petformers.checkpoint.peft import read_adapter_config
-
         pet = read_adapter_config(step / "adapter")
     else:
         pet = None  # full training: the trainable tensors are the whole model
@@ -85,11 +84,6 @@ def _read_configs(step: Path, base: str | None):
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
-    from petformers.checkpoint.hf import save_model_dir
-    from petformers.checkpoint.dcp import read_trainable
-    from petformers.distributed.parallel import plain_model
-    from petformers.models.config import parse_dtype
-
     dtype = parse_dtype(args.dtype, key="--dtype")
     if args.merged and not args.load_checkpoint:
         raise CheckpointError("--merged needs --load_checkpoint (the base model the adapter was trained on)")
@@ -100,25 +94,17 @@ def run_consolidate(args: argparse.Namespace) -> int:
     if pet is None:
         tokenizer = None
         if args.load_checkpoint:
-            from petformers.checkpoint.load import load_tokenizer
-
             tokenizer = load_tokenizer(args.load_checkpoint)
         save_model_dir(tensors, config, out / "merged", tokenizer=tokenizer, dtype=dtype)
         log.info("petformers: %s (full training) -> %s", step, out / "merged")
         return 0
-    from petformers.checkpoint.peft import save_peft_adapter
 
     adapter_only = plain_model(config, pet, tensors, parse_dtype(config.compute_dtype))  # base on meta: no memory
     save_peft_adapter(adapter_only, pet, out / "adapter", base_name)
     log.info("petformers: %s -> %s", step, out / "adapter")
     if args.merged:
-        from petformers.checkpoint.load import load_pretrained
-        from petformers.checkpoint.peft import load_peft_adapter
-        from petformers.pet import merge_and_unload
-
         model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype)
-        load_peft_adapter(model, out / "adapter")
-        model = merge_and_unload(model)
+        model, _ = merge_adapter(model, out / "adapter")
         save_model_dir(model.state_dict(), model.config, out / "merged", tokenizer=tokenizer, dtype=dtype)
         log.info("petformers: merged into %s -> %s", args.load_checkpoint, out / "merged")
     return 0

@@ -7,7 +7,11 @@ import logging
 
 import torch
 
+from petformers.checkpoint.load import load_pretrained
+from petformers.checkpoint.peft import load_peft_adapter, merge_adapter
+from petformers.generate import GenerationConfig
 from petformers.models.config import parse_dtype
+from petformers.quant.model import QuantConfig
 
 log = logging.getLogger("petformers")
 
@@ -36,8 +40,6 @@ def add_quantization_args(p: argparse.ArgumentParser):
 
 
 def quantization_from_args(args):
-    from petformers.quant.model import QuantConfig
-
     return QuantConfig.from_keys(getattr(args, "quantization_bit", None), getattr(args, "quantization_type", None),
                                  getattr(args, "double_quantization", None), where="--")
 
@@ -80,8 +82,6 @@ def add_generation_args(p: argparse.ArgumentParser):
 
 
 def generation_config(args):
-    from petformers.generate import GenerationConfig
-
     return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty)
@@ -91,8 +91,6 @@ def load_model(args):
     """(model, tokenizer) for `--load_checkpoint` with `--adapter` merged in, ready for inference.
     Over a quantized base (--quantization_bit/--quantization_type) the adapter stays a separate LoRA
     layer over the quantized blocks (merging would need the float model)."""
-    from petformers.checkpoint.load import load_pretrained
-
     device = args.device or default_device()
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "--dtype")
     quantization = quantization_from_args(args)
@@ -101,13 +99,10 @@ def load_model(args):
         log.info("petformers: base held quantized (%s)", quantization.describe())
     apply_chat_template_args(tokenizer, args)
     if getattr(args, "adapter", None):
-        from petformers.pet.merge import merge_and_unload
-        from petformers.checkpoint.peft import load_peft_adapter
-
-        load_peft_adapter(model, args.adapter)
         if quantization is None:
-            model = merge_and_unload(model)
+            model, _ = merge_adapter(model, args.adapter)
             log.info("petformers: adapter %s merged for inference", args.adapter)
         else:
+            load_peft_adapter(model, args.adapter)
             log.info("petformers: adapter %s applied over the quantized base (not merged)", args.adapter)
     return model.eval(), tokenizer

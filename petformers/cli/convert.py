@@ -15,6 +15,9 @@ import argparse
 from pathlib import Path
 
 from petformers.checkpoint.convert import hf_to_mindspore, mindspore_to_hf, peft_to_mindspore
+from petformers.config.load import read_model_section
+from petformers.errors import ConfigError
+from petformers.models.config import parse_dtype
 
 
 def register(subparsers):
@@ -44,21 +47,20 @@ def register(subparsers):
 
 
 def run(args: argparse.Namespace) -> int:
-    from petformers.errors import ConfigError
-    from petformers.models.config import parse_dtype
-
     dtype = parse_dtype(args.dtype, "--dtype") if args.dtype else None
     pair = (args.src_format, args.dst_format)
     if pair == ("mindspore", "hf"):
         if not args.config:
             raise ConfigError("--config: converting a MindSpore checkpoint needs the MindFormers YAML whose "
                               "model.model_config describes the model")
-        out = mindspore_to_hf(Path(args.source), Path(args.config), Path(args.output_dir), dtype, args.tokenizer)
+        config, pet = read_model_section(args.config)
+        out = mindspore_to_hf(Path(args.source), config, pet, Path(args.output_dir), dtype, args.tokenizer,
+                              config_source=args.config)
     elif pair == ("hf", "mindspore"):
         out = hf_to_mindspore(Path(args.source), Path(args.output_dir), dtype)
     elif pair == ("peft", "mindspore"):
-        out = peft_to_mindspore(Path(args.source), Path(args.output_dir), dtype, args.merged, args.base,
-                                Path(args.config) if args.config else None)
+        base_config = read_model_section(args.config)[0] if args.config else None
+        out = peft_to_mindspore(Path(args.source), Path(args.output_dir), dtype, args.merged, args.base, base_config)
     else:
         raise ConfigError(f"--from {args.src_format} --to {args.dst_format}: nothing to convert; "
                           "use --from mindspore --to hf, --from hf --to mindspore or --from peft --to mindspore")

@@ -10,13 +10,17 @@ The summary goes to stderr; stdout carries only the path written.
 from __future__ import annotations
 
 import sys
+import time
+
+from petformers.checkpoint.load import load_tokenizer
+from petformers.data.formats import convert, is_text_file
+from petformers.data.prepare import prepare, prepare_text
+from petformers.data.templates import TEMPLATES
 
 from petformers.cli.common import add_chat_template_args, apply_chat_template_args
 
 
 def register(subparsers):
-    from petformers.data.templates import TEMPLATES
-
     p = subparsers.add_parser("data", help="convert and tokenize datasets",
                               description="Convert instruction data to conversations and tokenize it for training.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -52,8 +56,6 @@ def register(subparsers):
 
 
 def run_convert(args):
-    from petformers.data.formats import convert
-
     written, skipped, fmt = convert(args.input, args.output, args.skip_invalid)
     print(f"petformers: {written:,} {fmt} records -> {args.output}; skipped {len(skipped):,}", file=sys.stderr)
     for line in skipped[:20]:
@@ -65,12 +67,6 @@ def run_convert(args):
 
 
 def run_prepare(args):
-    import time
-
-    from petformers.checkpoint.load import load_tokenizer
-    from petformers.data.formats import is_text_file
-    from petformers.data.prepare import prepare, prepare_text
-
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
     apply_chat_template_args(tokenizer, args)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from petformers.checkpoint.download import download, KNOWN_MODELS
+
 
 def register(subparsers):
-    from petformers.checkpoint.download import KNOWN_MODELS
-
     p = subparsers.add_parser("download", help="download a known model into the cache",
                               description="Download a known model into $PETFORMERS_HOME (default ~/.cache/petformers).")
     p.add_argument("name", choices=sorted(KNOWN_MODELS), help="model name")
@@ -13,7 +13,5 @@ def register(subparsers):
 
 
 def run(args):
-    from petformers.checkpoint.download import download
-
     print(download(args.name))
     return 0

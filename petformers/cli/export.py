@@ -16,6 +16,10 @@ from pathlib import Path
 
 from petformers.checkpoint.gguf_export import export_gguf, export_gguf_lora
 from petformers.checkpoint.gguf_quants import OUTTYPES
+from petformers.checkpoint.hf import save_model_dir
+from petformers.checkpoint.load import load_pretrained
+from petformers.checkpoint.peft import merge_adapter
+from petformers.cli.common import add_quantization_args, quantization_from_args
 from petformers.models.config import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,6 @@ def register(subparsers):
                        help="dtype of the written weights: float32 (default), bfloat16 or float16; "
                             "the merge itself is computed in float32")
     merge.add_argument("--max_shard_size_gb", type=float, default=5.0, help="largest safetensors shard (GB)")
-    from petformers.cli.common import add_quantization_args
 
     add_quantization_args(merge)  # an adapter trained over a quantized base merges into that base, dequantized
     merge.set_defaults(func=run_merge)
@@ -69,21 +72,14 @@ def register(subparsers):
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from petformers.checkpoint.hf import save_model_dir
-    from petformers.checkpoint.load import load_pretrained
-    from petformers.checkpoint.peft import load_peft_adapter
-    from petformers.cli.common import quantization_from_args
-    from petformers.pet import merge_and_unload
-
     dtype = parse_dtype(args.dtype, key="--dtype")
     # Loaded in the output dtype (half the memory of float32 for a bf16 export); LoRALinear still
     # computes W + s·BA in float32 and rounds once to that dtype. Over a quantized base (the one the
     # adapter was trained on): dequantize -> merge -> save, layer by layer in merge_and_unload.
     model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, quantization=quantization_from_args(args))
-    pet_config = load_peft_adapter(model, args.adapter)
+    model, pet_config = merge_adapter(model, args.adapter)
     log.info("merging adapter %s (r=%d, alpha=%g) into %s", args.adapter, pet_config.lora_rank,
              pet_config.lora_alpha, args.load_checkpoint)
-    model = merge_and_unload(model)
     out = Path(args.output_dir)
     save_model_dir(model.state_dict(), model.config, out, tokenizer=tokenizer,
                    max_shard_bytes=int(args.max_shard_size_gb * 1024**3), dtype=dtype)

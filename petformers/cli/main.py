@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from petformers import __version__
 from petformers.errors import PetformersError
 
 # Subcommand modules, in the order `--help` lists them.
@@ -22,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="petformers",
         description="Parameter-efficient fine-tuning (LoRA) of Llama-family models on PyTorch, "
                     "MindFormers-compatible.")
-    from petformers import __version__
     parser.add_argument("--version", action="version", version=f"petformers {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from petformers.report import write_report
+
 
 def register(subparsers):
     p = subparsers.add_parser(
@@ -13,7 +15,5 @@ def register(subparsers):
 
 
 def run(args):
-    from petformers.report import write_report
-
     print(write_report(args.output_dir))
     return 0

@@ -6,6 +6,12 @@ Also runs as `python -m petformers run` and `torchrun -m petformers run` (with -
 
 from __future__ import annotations
 
+import argparse
+
+from petformers.config.load import load_run_config, not_acted_on, resolved_yaml
+from petformers.config.mindformers import ignored_reason
+from petformers.train.run import run as run_job
+
 
 def _bool(value: str) -> bool:
     low = str(value).strip().lower()
@@ -13,7 +19,6 @@ def _bool(value: str) -> bool:
         return True
     if low in ("false", "0", "no", "n", ""):
         return False
-    import argparse
 
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
@@ -44,10 +49,6 @@ def register(subparsers):
 
 
 def run(args):
-    from petformers.config.load import load_run_config, not_acted_on, resolved_yaml
-    from petformers.config.mindformers import ignored_reason
-    from petformers.train.run import run as run_job
-
     cli = {k: getattr(args, k) for k in ("run_mode", "train_dataset_dir", "eval_dataset_dir", "load_checkpoint",
                                          "output_dir", "resume_training", "auto_trans_ckpt", "use_parallel",
                                          "do_eval", "seed", "adapter", "predict_data")}

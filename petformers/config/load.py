@@ -67,6 +67,17 @@ def load_run_config(path: str | None, overrides: list[str] = (), cli: dict | Non
     return cfg
 
 
+def read_model_section(path: str) -> tuple[LlamaConfig, dict | None]:
+    """(the architecture, the pet_config mapping or None) of a MindFormers YAML's model.model_config, for
+    commands that need only the model (`petformers convert`)."""
+    raw, _ = yamlio.read_yaml(path)
+    model_config = get(raw, "model.model_config")
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"{path}: no model.model_config section (it gives the model's shapes)")
+    pet = model_config.get("pet_config")
+    return LlamaConfig.from_mindformers({k: v for k, v in model_config.items() if k != "pet_config"}), pet
+
+
 def field_value(cfg: RunConfig, name: str):
     """The value of the dotted field `name` ("runner.epochs", "seed")."""
     node = cfg

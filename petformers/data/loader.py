@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from petformers.data.dataset import check_tokenizer, PreparedDataset
+from petformers.data.formats import is_text_file
+from petformers.data.mindrecord import MindRecordDataset
+from petformers.data.prepare import prepare, prepare_text
 from petformers.errors import DataError
 
 _MINDRECORD = re.compile(r"\.mindrecord\d*$")
@@ -39,28 +43,20 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
         raise DataError(f"{path}: dataset not found")
     kind = dataset_kind(p)
     if kind == "prepared":
-        from petformers.data.dataset import PreparedDataset, check_tokenizer
-
         ds = PreparedDataset(p)
         if tokenizer is not None:
             check_tokenizer(ds.meta, tokenizer, str(p))
         return ds
     if kind == "mindrecord":
-        from petformers.data.mindrecord import MindRecordDataset
-
         file = p if p.is_file() else sorted(x for x in p.glob("*.mindrecord*") if not x.name.endswith(".db"))[0]
         pad = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
         return MindRecordDataset(str(file), pad_id=pad)
     if tokenizer is None:
         raise DataError(f"{path}: a raw dataset needs a tokenizer (the checkpoint has none; set processor.tokenizer)")
-    from petformers.data.formats import is_text_file
 
     if run_mode == "train" and is_text_file(p):
-        from petformers.data.prepare import prepare_text
-
         ds, _ = prepare_text(str(p), tokenizer, seq_length)
         return ds
-    from petformers.data.prepare import prepare
 
     ds, _ = prepare(str(p), tokenizer, seq_length, template=template, packing=packing, drop_long=drop_long,
                     progress=progress)

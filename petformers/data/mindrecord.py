@@ -136,7 +136,7 @@ class _Shard:
         out: dict = {}
         raw_fields = [f for f in self.schema if f not in self.blob_fields]
         if raw_fields:
-            import msgpack
+            import msgpack  # only MindRecord's raw (non-blob) fields need it
 
             raw = self._record(raw_page, raw_start, raw_end, row_id, "raw")
             try:

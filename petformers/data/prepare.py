@@ -20,7 +20,9 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from petformers import __version__
 from petformers.data import dataset as ds
 from petformers.data.formats import RecordError, load_samples, load_texts
 from petformers.data.packing import IGNORE_INDEX, fill_rows, place, shift_targets
@@ -110,8 +112,6 @@ def encode_samples(pieces: list[list], tokenizer, progress: bool = True) -> tupl
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=" samples", file=sys.stderr, disable=not enabled,
                 dynamic_ncols=True, leave=False)
 
@@ -177,8 +177,6 @@ def build(ids, targets, lengths, seq_length: int, packing: bool, pad_id: int, me
 
 def base_meta(kind: str, tokenizer, seq_length: int, packing: bool, template: str | None, input_path,
               source_format: str, sha: str) -> dict:
-    from petformers import __version__
-
     return {
         "format": ds.FORMAT, "format_version": ds.FORMAT_VERSION, "created_by": f"petformers {__version__}",
         "kind": kind, "template": template, "seq_length": seq_length, "packing": packing,

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from petformers.errors import TrainingError
+
 
 @dataclass
 class DistEnv:
@@ -66,7 +68,6 @@ def timeout_error(error: RuntimeError, env: DistEnv, checkpoints: list) -> Excep
     """A collective that timed out (a peer hung or vanished) as one clear line; other errors unchanged."""
     if not env.enabled or "timed out" not in str(error).lower():
         return error
-    from petformers.errors import TrainingError
 
     return TrainingError(f"rank {env.rank}: no answer from the other ranks within PETFORMERS_DIST_TIMEOUT="
                          f"{dist_timeout_s():g} s (a rank hung or died); last good checkpoint: "

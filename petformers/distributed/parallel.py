@@ -25,9 +25,12 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from petformers.distributed.env import DistEnv
 from petformers.errors import CheckpointError, ConfigError
+from petformers.models.llama import build_model
+from petformers.pet.inject import apply_lora
 
 
 class HiddenStates(nn.Module):
@@ -91,8 +94,6 @@ def _allreduce_sum_hook(state, bucket):
 
 
 def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     # Identical adapters on every rank (their init is random) without broadcasting the frozen base,
     # which DDP's own start-up sync (init_sync) would send in full from rank 0.
     with torch.no_grad():
@@ -151,7 +152,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """clip_grad_norm_ that also works on FSDP's sharded gradients; returns the global norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # FSDP only (and public from torch 2.5)
 
     if isinstance(norm, DTensor):  # per-shard partial norms: combine over ranks
         norm = norm.full_tensor()
@@ -161,6 +162,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 def gather_full_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """Whole tensors (petformers names) on rank 0's CPU, {} on other ranks. Every rank must call it."""
+    # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) runs need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
@@ -174,12 +176,8 @@ def plain_model(config, pet_config, tensors: dict[str, torch.Tensor], dtype: tor
     copy) stay on the meta device: such a copy costs no memory and is enough to write the adapter
     in PEFT format.
     """
-    from petformers.models.llama import build_model
-
     model = build_model(config, device="meta", dtype=dtype)
     if pet_config is not None:
-        from petformers.pet.inject import apply_lora
-
         inject_log = logging.getLogger("petformers.pet.inject")
         level = inject_log.level
         inject_log.setLevel(logging.WARNING)  # the run already reported the adapter's size

@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from petformers.errors import AdapterError
+from petformers.errors import AdapterError, CheckpointError
 from petformers.pet.config import PetConfig
 from petformers.pet.lora import LoRALinear
 from petformers.pet.matching import find_targets, matches, pattern_value
@@ -77,6 +77,31 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once; meta tensors count too."""
     params = list(model.parameters())  # deduplicated
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """What the optimizer updates: the adapter, or the whole model in full training."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trained tensors a training checkpoint saves (detached)."""
+    return {n: p.detach() for n, p in trainable_parameters(model)}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor], source: str):
+    """Copy a training checkpoint's trained tensors back; CheckpointError when they do not fit this run."""
+    params = dict(trainable_parameters(model))
+    if set(params) != set(tensors):
+        missing = sorted(set(params) - set(tensors))[:3]
+        raise CheckpointError(f"{source}: trainable tensors do not match this run's model/adapter "
+                                            f"config (missing e.g. {missing})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != tensors[name].shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
+                                                    f"expected {tuple(p.shape)}")
+            p.copy_(tensors[name])
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

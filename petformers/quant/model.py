@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from petformers.errors import ConfigError
+from petformers.quant import blockwise
 from petformers.quant.linear import QuantLinear
-from petformers.quant import gguf_blocks
 from petformers.quant.weight import FourBitWeight, Int8Weight, QuantizedWeight
 
 KEEP_FLOAT = ("lm_head",)  # linear layers that stay float (besides non-linear modules)
@@ -131,8 +131,6 @@ def random_quantized_weight(shape: tuple[int, int], config: QuantConfig, generat
     which for NF4 are samples of a normal distribution (its codes are equal-mass quantiles), with
     block absmax values around those of N(0, std) blocks of 64 (~2.4 std); int8: uniform codes.
     For memory and speed measurements of models too large to create in float (a 7B base here)."""
-    from petformers.quant import blockwise
-
     out, cols = shape
     n = out * cols
     if config.type in ("nf4", "fp4"):
@@ -192,16 +190,3 @@ def quant_config_of(model_config: dict | None) -> QuantConfig | None:
     mc = model_config or {}
     return QuantConfig.from_keys(mc.get("quantization_bit"), mc.get("quantization_type"),
                                  mc.get("double_quantization"), where="model.model_config.")
-
-
-def gguf_tensor_bytes(path) -> dict[str, int]:
-    """Bytes of each block-quantized 2-D tensor of a GGUF file, by petformers name (for the dry run)."""
-    from petformers.checkpoint import gguf_file
-
-    reader = gguf_file.open_reader(path)
-    out = {}
-    for t in reader.tensors:
-        name = gguf_file.gguf_name(t.name)
-        if name is not None and gguf_blocks.is_block_type(t.tensor_type) and len(t.shape) == 2:
-            out[name] = int(t.n_bytes)
-    return out

@@ -16,18 +16,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from petformers.checkpoint import dcp, training as checkpointing
+from petformers.checkpoint.peft import save_peft_adapter
+from petformers.data.loader import collate
 from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked, timeout_error
-from petformers.distributed.parallel import clip_grad_norm
+from petformers.distributed.parallel import clip_grad_norm, is_sharded, plain_model, unshard_model, wrap_model
 from petformers.errors import TrainingError
 from petformers.faults import kill_point
 from petformers.models.config import parse_dtype
-from petformers.checkpoint import training as checkpointing
+from petformers.pet.inject import load_trainable_state, trainable_parameters, trainable_state
+from petformers.train.evaluate import evaluate_loss
 from petformers.train.loss import chunked_cross_entropy_sum
 from petformers.train.optimizer import build_optimizer
+from petformers.train.plan import micro_batches, step_plan
 from petformers.train.schedule import build_schedule
 
 log = logging.getLogger("petformers")
@@ -54,114 +58,17 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    if not shuffle:
-        return np.arange(num_rows)
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in trainable_parameters(model)}
-
-
-def load_trainable_state(model, tensors: dict[str, torch.Tensor], source: str):
-    params = dict(trainable_parameters(model))
-    if set(params) != set(tensors):
-        missing = sorted(set(params) - set(tensors))[:3]
-        raise checkpointing.CheckpointError(f"{source}: trainable tensors do not match this run's model/adapter "
-                                            f"config (missing e.g. {missing})")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != tensors[name].shape:
-                raise checkpointing.CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
-                                                    f"expected {tuple(p.shape)}")
-            p.copy_(tensors[name])
-
-
-@dataclass
-class StepPlan:
-    """How the dataset maps onto optimizer steps."""
-    rows: int
-    micro_batch: int
-    data_parallel: int
-    accumulation: int
-    epochs: int
-    max_steps: int = -1
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.data_parallel * self.accumulation
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.rows // self.global_batch
-
-    @property
-    def total_steps(self) -> int:
-        total = self.steps_per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps > 0 else total
-
-
-def micro_batches(plan: StepPlan, step: int, seed: int, shuffle: bool, env: DistEnv) -> list[np.ndarray]:
-    """Row indices of this rank's micro-batches for optimizer step `step`."""
-    epoch, within = divmod(step, plan.steps_per_epoch)
-    order = epoch_order(plan.rows, seed, epoch, shuffle)
-    rows = order[within * plan.global_batch:(within + 1) * plan.global_batch]
-    mine = rows.reshape(plan.accumulation, plan.data_parallel, plan.micro_batch)[:, env.rank]
-    return list(mine)
-
-
-def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: DistEnv, progress: bool = False,
-                  forward=None) -> dict:
-    """Mean token loss and perplexity (= exp(mean token loss)) over the whole eval set.
-
-    `forward` gives hidden states (default `model.hidden_states`; the FSDP wrapper when sharded).
-    Every rank runs the same number of batches (a rank out of rows repeats row 0, uncounted):
-    under FSDP each forward is a collective."""
-    from petformers.data.loader import collate
-
-    was_training = model.training
-    model.eval()
-    packed = bool(getattr(dataset, "packing", False))
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)
-    indices = list(range(env.rank, len(dataset), env.world_size))
-    forward = forward or model.hidden_states
-    per_rank = math.ceil(len(dataset) / env.world_size)
-    with torch.no_grad():
-        for start in tqdm(range(0, per_rank, batch_size), desc="eval", disable=not progress, leave=False):
-            kill_point("eval")
-            chunk = indices[start:start + batch_size]
-            batch = collate([dataset[i] for i in chunk or [0]], pad_id, packed, device)
-            hidden = forward(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-            if not chunk:
-                continue
-            loss_sum += chunked_cross_entropy_sum(model.lm_head, hidden, batch["targets"]).double().cpu()
-            tokens += (batch["targets"] != -100).sum().double().cpu()
-    loss_sum, tokens = all_reduce_sum(loss_sum, env), all_reduce_sum(tokens, env)
-    model.train(was_training)
-    mean = (loss_sum / tokens.clamp(min=1)).item()
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item())}
-
-
 def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, metrics, pet_config=None) -> dict:
     """Run the optimizer steps; returns the run summary. `model` already carries its adapters."""
-    from petformers.data.loader import collate
-
     device = env.device
     pad_id = tokenizer.pad_id if tokenizer is not None else (model.config.pad_token_id or 0)
     packed = bool(getattr(train_ds, "packing", False))
-    plan = StepPlan(len(train_ds), cfg.runner.batch_size, env.world_size, cfg.runner.gradient_accumulation_steps,
-                    cfg.runner.epochs, cfg.runner.max_steps)
+    plan = step_plan(cfg.runner, len(train_ds), env.world_size)
     if plan.steps_per_epoch == 0:
         raise TrainingError(f"{cfg.data.train_dataset_dir}: {plan.rows} rows are fewer than one global batch "
                             f"({plan.global_batch} = batch_size {cfg.runner.batch_size} x data_parallel {env.world_size} "
                             f"x gradient_accumulation_steps {cfg.runner.gradient_accumulation_steps})")
-    total = plan.total_steps if cfg.schedule.total_steps in (-1, None) else min(plan.total_steps, cfg.schedule.total_steps)
+    total = plan.schedule_steps(cfg.schedule.total_steps)
     schedule = build_schedule(cfg.schedule.type, cfg.schedule.learning_rate, total, cfg.schedule.warmup_ratio, cfg.schedule.warmup_steps,
                               cfg.schedule.lr_end, cfg.schedule.warmup_lr_init)
     named = trainable_parameters(model)
@@ -169,8 +76,6 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         raise TrainingError("no trainable parameters: check pet_config.target_modules")
     train_model, sharded = model, False
     if env.enabled:
-        from petformers.distributed.parallel import is_sharded, wrap_model
-
         train_model = wrap_model(model, cfg.parallel.parallel_strategy, env)
         sharded = is_sharded(train_model)
         named = trainable_parameters(model)  # FSDP replaced them by their shards
@@ -184,9 +89,6 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     def write_adapter(path, tensors=None):
         """PEFT adapter of `model`, or (sharded) of whole `tensors` gathered on rank 0."""
         if pet_config is not None:
-            from petformers.distributed.parallel import plain_model
-            from petformers.checkpoint.peft import save_peft_adapter
-
             source = model if tensors is None else plain_model(model.config, pet_config, tensors,
                                                                 compute_dtype_of(cfg))
             save_peft_adapter(source, pet_config, path, getattr(model, "name_or_path", ""))
@@ -198,8 +100,6 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     if cfg.resume_training:
         good = checkpointing.latest_good_checkpoint(ckpt_root, warn=env.is_main)
         if good is not None:
-            from petformers.checkpoint import dcp
-
             if sharded or dcp.is_sharded(good):  # resharded to this world size (auto_trans_ckpt)
                 rng, state = dcp.load_checkpoint(good, model, optimizer)
             else:
@@ -224,7 +124,6 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                  "global_batch": plan.global_batch, "total_steps": total, "reason": reason,
                  "world_size": env.world_size}
         if sharded:  # every rank writes its shards
-            from petformers.checkpoint import dcp
 
             path = dcp.save_sharded_checkpoint(ckpt_root, step, model, optimizer, state, cfg.checkpoint.keep_checkpoint_max,
                                                env, write_adapter if pet_config is not None else None, ckpt_meta)
@@ -248,7 +147,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
             step_start = time.perf_counter()
             fail_if_asked(step, env)
             batches = [collate([train_ds[i] for i in idx], pad_id, packed, device)
-                       for idx in micro_batches(plan, step, cfg.seed, cfg.data.shuffle, env)]
+                       for idx in micro_batches(plan, step, cfg.seed, cfg.data.shuffle, env.rank)]
             n_tokens = sum((b["targets"] != -100).sum() for b in batches).to(torch.float32)
             n_tokens = all_reduce_sum(n_tokens.clone(), env).clamp(min=1)
             lr = schedule.lr_at(step)
@@ -315,7 +214,6 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         if env.is_main:
             metrics.write({"step": total, **last_eval})
     if sharded:  # rank 0 gets a plain model back for the final artefacts (adapter, merged)
-        from petformers.distributed.parallel import unshard_model
 
         unshard_model(model, pet_config, compute_dtype_of(cfg), env)
     return {"stopped": False, "steps": total, "resumed_from": start_step, "final_loss": history[-1] if history else None,

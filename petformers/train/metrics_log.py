@@ -86,6 +86,7 @@ def _curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def loss_figure(records: list[dict], title: str = "Training loss"):
     """A matplotlib Figure (Agg canvas, no pyplot global state) of train and eval loss against step."""
+    # matplotlib is heavy to import (~0.5 s): only runs that draw a plot pay for it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

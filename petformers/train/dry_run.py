@@ -1,0 +1,86 @@
+"""`petformers run --dry_run`: what the run would build and how long it would step, without loading weights.
+
+The model is built on the meta device with the run's adapters; the parameter count and the step
+plan are the run's own (pet.inject.count_parameters, train.plan.step_plan), so the dry run and the run
+cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from petformers.data.loader import open_dataset
+from petformers.models.config import LlamaConfig, parse_dtype
+from petformers.models.llama import build_model
+from petformers.pet.inject import apply_lora, count_parameters
+from petformers.train.plan import step_plan
+from petformers.train.setup import pet_config_of, resolve_model_config, tokenizer_for
+
+
+def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg) -> dict:
+    """Rough peak bytes per device: frozen weights + fp32 adapters with grads and Adam states + activations."""
+    bytes_per = torch.empty((), dtype=parse_dtype(cfg.model.compute_dtype)).element_size()
+    weights = (total - trainable) * bytes_per
+    adapters = trainable * 4 * 4  # param, grad, exp_avg, exp_avg_sq in float32
+    tokens = cfg.runner.batch_size * cfg.model.seq_length
+    h = config.hidden_size
+    # Per layer: ~34 bytes*h per token at 16-bit without recompute (SDPA keeps no s^2 scores); only the
+    # layer input with recompute. Plus one 1024-row chunk of float32 logits and its gradient.
+    per_layer = tokens * h * (2 * bytes_per if cfg.model.recompute else 17 * bytes_per)
+    activations = per_layer * config.num_layers + 1024 * config.vocab_size * 4 * 2
+    return {"weights": weights, "adapters_and_optimizer": adapters, "activations": activations,
+            "total": weights + adapters + activations}
+
+
+def dry_run(cfg) -> dict:
+    """Print the model, parameter counts, step plan and memory estimate; returns them."""
+    config, source = resolve_model_config(cfg)
+    dtype = parse_dtype(cfg.model.compute_dtype, "model.model_config.compute_dtype")
+    model = build_model(config, device="meta", dtype=dtype)
+    pet = pet_config_of(cfg)
+    if pet is not None:
+        apply_lora(model, pet)
+    trainable, total = count_parameters(model)
+    if pet is None:
+        trainable = total  # full training (run_mode train)
+    world = max(cfg.parallel.data_parallel, 1) if cfg.parallel.use_parallel else 1
+    rows = _count_rows(cfg)
+    plan = step_plan(cfg.runner, rows or 0, world)
+    steps_per_epoch = plan.steps_per_epoch if rows is not None else None
+    total_steps = plan.schedule_steps(cfg.schedule.total_steps) if rows is not None else None
+    mem = estimate_memory(config, total, trainable, cfg)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    unknown = "unknown (no train dataset)"
+    lines = [
+        f"model: {config.num_layers} layers, hidden {config.hidden_size}, heads {config.num_heads}/{config.n_kv_heads}, "
+        f"vocab {config.vocab_size} (config from {source})",
+        f"family: {config.describe()}",
+        f"parameters: {total:,}",
+        f"trainable parameters: {trainable:,} ({100 * trainable / total:.4f}%)",
+        f"global batch: {plan.global_batch} (batch_size {cfg.runner.batch_size} x data_parallel {world} x "
+        f"gradient_accumulation_steps {cfg.runner.gradient_accumulation_steps})",
+        f"steps per epoch: {steps_per_epoch if steps_per_epoch is not None else unknown}",
+        f"total steps: {total_steps if total_steps is not None else unknown}",
+        f"peak memory per device ({cfg.model.compute_dtype}, seq_length {cfg.model.seq_length}, recompute "
+        f"{cfg.model.recompute}): ~{gib(mem['total'])} (weights {gib(mem['weights'])}, adapters+grads+AdamW "
+        f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])})",
+    ]
+    print("\n".join(lines))
+    return {"parameters": total, "trainable_parameters": trainable, "global_batch": plan.global_batch,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "memory_bytes": mem}
+
+
+def _count_rows(cfg) -> int | None:
+    """Rows of the training set: from a prepared dataset's meta.json, else by opening it (None: no data)."""
+    if not cfg.data.train_dataset_dir:
+        return None
+    path = Path(cfg.data.train_dataset_dir)
+    if (path / "meta.json").exists():
+        return int(json.loads((path / "meta.json").read_text())["counts"]["rows"])
+    if not path.exists():
+        return None
+    return len(open_dataset(str(path), tokenizer_for(cfg), cfg.model.seq_length, cfg.data.template, cfg.data.packing,
+                            cfg.data.drop_long, cfg.run_mode, progress=False))
