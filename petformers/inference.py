@@ -9,13 +9,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import logging
+
+import torch
 from tqdm import tqdm
 
+from petformers.checkpoint.load import load_pretrained
+from petformers.checkpoint.peft import load_peft_adapter, merge_adapter
 from petformers.data.templates import render_prompt
 from petformers.errors import DataError
 from petformers.generate import GenerationConfig, generate
+from petformers.models.config import parse_dtype
+from petformers.quant.model import QuantConfig
+
+log = logging.getLogger("petformers")
 
 RAW = "raw"  # the template of a prompt given as is (no template; bos added as the tokenizer says)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(load_checkpoint: str, adapter: str | None = None, device: str | None = None,
+                       dtype: str | None = None, quantization: QuantConfig | None = None):
+    """(model, tokenizer) of a base checkpoint with a PEFT adapter applied, in eval mode: the one way predict,
+    chat and the board load a model. Defaults: CUDA when available; bf16 on CUDA, fp32 on CPU. The adapter
+    is merged into the weights, except over a quantized base, where it stays a LoRA layer over the
+    quantized blocks (merging would need the float model)."""
+    device = device or default_device()
+    dtype = parse_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "--dtype")
+    model, tokenizer = load_pretrained(load_checkpoint, dtype=dtype, device=device, quantization=quantization)
+    if quantization is not None:
+        log.info("petformers: base held quantized (%s)", quantization.describe())
+    if adapter and quantization is None:
+        model, _ = merge_adapter(model, adapter)
+        log.info("petformers: adapter %s merged for inference", adapter)
+    elif adapter:
+        load_peft_adapter(model, adapter)
+        log.info("petformers: adapter %s applied over the quantized base (not merged)", adapter)
+    return model.eval(), tokenizer
 
 
 def read_prompts(predict_data: str) -> list[str]:

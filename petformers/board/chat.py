@@ -1,9 +1,9 @@
 """The board's chat panel: generations from a run's adapter, streamed piece by piece.
 
-It takes the steps `petformers chat` takes (base loaded by `load_pretrained` on the same default device
-and dtype, the PEFT adapter merged in, the tokenizer's chat template, `generate` with `StreamPrinter`),
-so an answer here is the answer there. One model is kept loaded (the last run chatted with); one
-generation runs at a time.
+It goes through what `petformers chat` uses (`inference.load_for_inference`: base + PEFT adapter merged
+on the same default device and dtype; `generate` with `StreamPrinter`; `inference.encode_prompt` in the
+chat template), so an answer here is the answer there. One model is kept loaded (the last run chatted
+with); one generation runs at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from pathlib import Path
 import torch
 
 from petformers.board.runs import OutsideRoot, read_config
-from petformers.checkpoint.load import load_pretrained
 from petformers.generate import GenerationConfig, StreamPrinter, generate
-from petformers.models.config import parse_dtype
-from petformers.pet.merge import merge_and_unload
-from petformers.checkpoint.peft import load_peft_adapter
+from petformers.inference import encode_prompt, load_for_inference
 
 MAX_NEW_TOKENS = 512
 
@@ -31,18 +28,6 @@ def adapter_of(run: Path) -> Path | None:
     steps = sorted((run / "checkpoint").glob("step_*/adapter/adapter_config.json")) if (run / "checkpoint").is_dir() \
         else []
     return steps[-1].parent if steps else None
-
-
-def load_for_chat(base: str, adapter: Path | None):
-    """(model, tokenizer) as `petformers chat --load_checkpoint base --adapter adapter` loads them: CUDA when
-    present (bf16) else CPU (fp32), the adapter merged into the weights."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = parse_dtype("bfloat16" if device == "cuda" else "float32", "dtype")
-    model, tokenizer = load_pretrained(base, dtype=dtype, device=device)
-    if adapter is not None:
-        load_peft_adapter(model, str(adapter))
-        model = merge_and_unload(model)
-    return model.eval(), tokenizer
 
 
 class ChatModels:
@@ -62,7 +47,7 @@ class ChatModels:
         key = (str(run), str(adapter))
         if self._key != key:
             self._loaded = None  # free the previous model first
-            self._loaded = load_for_chat(str(base), adapter)
+            self._loaded = load_for_inference(str(base), str(adapter) if adapter else None)
             self._key = key
         return self._loaded, base, adapter
 
@@ -78,7 +63,7 @@ class ChatModels:
                     (model, tokenizer), base, adapter = self._load(run)
                     pieces.put(("info", f"base {base}, adapter {adapter or 'none (base model only)'}"))
                     convo = ([{"role": "system", "content": system}] if system else []) + messages
-                    ids = tokenizer.encode(tokenizer.apply_chat_template(convo, add_generation_prompt=True))
+                    ids = encode_prompt(convo, "chat", tokenizer)
                     printer = StreamPrinter(tokenizer, lambda text: pieces.put(("token", text)))
                     cfg = GenerationConfig(max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)))
                     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)

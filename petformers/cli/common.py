@@ -5,19 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
-from petformers.checkpoint.load import load_pretrained
-from petformers.checkpoint.peft import load_peft_adapter, merge_adapter
 from petformers.generate import GenerationConfig
-from petformers.models.config import parse_dtype
+from petformers.inference import load_for_inference
 from petformers.quant.model import QuantConfig
 
 log = logging.getLogger("petformers")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -88,21 +80,9 @@ def generation_config(args):
 
 
 def load_model(args):
-    """(model, tokenizer) for `--load_checkpoint` with `--adapter` merged in, ready for inference.
-    Over a quantized base (--quantization_bit/--quantization_type) the adapter stays a separate LoRA
-    layer over the quantized blocks (merging would need the float model)."""
-    device = args.device or default_device()
-    dtype = parse_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "--dtype")
-    quantization = quantization_from_args(args)
-    model, tokenizer = load_pretrained(args.load_checkpoint, dtype=dtype, device=device, quantization=quantization)
-    if quantization is not None:
-        log.info("petformers: base held quantized (%s)", quantization.describe())
+    """(model, tokenizer) for `--load_checkpoint` with `--adapter` applied, ready for inference (merged,
+    except over a quantized base: --quantization_bit/--quantization_type); --enable_thinking set."""
+    model, tokenizer = load_for_inference(args.load_checkpoint, getattr(args, "adapter", None), args.device,
+                                          args.dtype, quantization_from_args(args))
     apply_chat_template_args(tokenizer, args)
-    if getattr(args, "adapter", None):
-        if quantization is None:
-            model, _ = merge_adapter(model, args.adapter)
-            log.info("petformers: adapter %s merged for inference", args.adapter)
-        else:
-            load_peft_adapter(model, args.adapter)
-            log.info("petformers: adapter %s applied over the quantized base (not merged)", args.adapter)
-    return model.eval(), tokenizer
+    return model, tokenizer
