@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from petformers import __version__
+from petformers import atomic
 from petformers.errors import ConfigError, PetformersError
 from petformers.eval.metrics import exact_match
 from petformers.train.metrics_log import loss_png_bytes, read_metrics
@@ -286,7 +287,5 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     """Render the report of `run_dir` and write it to `run_dir/report.html` atomically; return its path."""
     text = render_report(run_dir)
     out = Path(run_dir).resolve() / REPORT_NAME
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic.write_text(out, text)
     return out

@@ -34,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from petformers import atomic
 from petformers.errors import TokenizerError
 from petformers.jsonio import read_json
 
@@ -236,17 +237,18 @@ class Tokenizer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.kind == "sentencepiece":
-            (out_dir / "tokenizer.model").write_bytes(self.backend.serialized_model_proto())
+            atomic.write_bytes(out_dir / "tokenizer.model", self.backend.serialized_model_proto())
             tokenizer_class = "LlamaTokenizer"
         else:
-            self.backend.save(str(out_dir / "tokenizer.json"))
+            with atomic.replacing(out_dir / "tokenizer.json") as tmp:
+                self.backend.save(str(tmp))
             tokenizer_class = "PreTrainedTokenizerFast"
         cfg = {"tokenizer_class": tokenizer_class, "bos_token": self.bos_token, "eos_token": self.eos_token,
                "pad_token": self.pad_token, "add_bos_token": self.add_bos, "add_eos_token": False,
                "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic.write_json(out_dir / "tokenizer_config.json", cfg)
 
 
 # How byte-level BPE vocabularies split text before merging, by GGUF `tokenizer.ggml.pre` (llama.cpp's

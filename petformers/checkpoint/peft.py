@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from petformers.checkpoint.hf import save_safetensors_atomic, write_json_atomic
+from petformers import atomic
+from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import AdapterError
 from petformers.jsonio import read_json
 from petformers.models import names
@@ -59,7 +60,7 @@ def save_peft_adapter(model: nn.Module, pet_config: PetConfig, out_dir, base_mod
     config = pet_config.to_peft_config_dict(base_model_name_or_path)
     config.update(_resolved_modules(model, pet_config))
     save_safetensors_atomic(tensors, out_dir / WEIGHTS_FILE, {"format": "pt"})
-    write_json_atomic(config, out_dir / CONFIG_FILE)
+    atomic.write_json(out_dir / CONFIG_FILE, config)
 
 
 def _resolved_modules(model: nn.Module, c: PetConfig) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from petformers.atomic import fsync_dir, synced
 from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import CheckpointError
 from petformers.faults import kill_point
@@ -39,19 +40,9 @@ MANIFEST = "manifest.json"
 log = logging.getLogger("petformers")
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _torch_save(obj, file: Path):
-    with open(file, "wb") as fh:
+    with synced(file, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def rng_state() -> dict:
@@ -119,7 +110,7 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, trainer_state: dict, kee
     with _no_partial(root, tmp, step):
         _write_rest(tmp, step, trainer_state, write_adapter, extra_json)
         _put_in_place(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     kill_point("checkpoint")
     for old in list_checkpoints(root)[:-keep_max] if keep_max > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -135,19 +126,15 @@ def _write_rest(tmp: Path, step: int, trainer_state: dict, write_adapter, extra_
         write_adapter(tmp / "adapter")
     kill_point("checkpoint")
     for name, obj in (extra_json or {}).items():
-        with open(tmp / name, "w", encoding="utf-8") as fh:
+        with synced(tmp / name) as fh:
             json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-    with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
+    with synced(tmp / STATE_FILE) as fh:
         json.dump(trainer_state | {"step": step}, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
     kill_point("checkpoint")
     write_manifest(tmp)
     kill_point("checkpoint")
     for directory in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def remove_partial(root: Path) -> list[Path]:
@@ -214,10 +201,8 @@ def write_manifest(directory: Path):
     """`manifest.json`: {relative path: {bytes, sha256}} of every file in `directory`, written last."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
+    with synced(directory / MANIFEST) as fh:
         json.dump({"files": entries}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def damage(path: Path) -> str | None:

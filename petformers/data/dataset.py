@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from petformers.atomic import synced
 from petformers.errors import DataError
 
 COLUMNS = ("input_ids", "targets", "position_ids", "segment_ids")
@@ -133,10 +134,8 @@ def commit(tmp: Path, arrays: dict, meta: dict, out_dir: Path) -> None:
     for a in arrays.values():
         if isinstance(a, np.memmap):
             a.flush()
-    with open(tmp / "meta.json", "w", encoding="utf-8") as fh:
+    with synced(tmp / "meta.json") as fh:
         fh.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
     out_dir = Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from petformers.atomic import atomic_open
 from petformers.errors import DataError
 
 PROMPT_INPUT = (
@@ -387,16 +387,9 @@ def write_jsonl_atomic(records, out_path) -> None:
     """UTF-8 JSONL with every character as is (ensure_ascii=False), written to a temp file then renamed."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(out_path) as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def convert(input_path, output_path, skip_invalid: bool = False) -> tuple[int, list[str], str]:

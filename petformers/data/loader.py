@@ -18,6 +18,7 @@ import torch
 from petformers.data.dataset import check_tokenizer, PreparedDataset
 from petformers.data.formats import is_text_file
 from petformers.data.mindrecord import MindRecordDataset
+from petformers.data.packing import IGNORE_INDEX
 from petformers.data.prepare import prepare, prepare_text
 from petformers.errors import DataError
 
@@ -69,7 +70,7 @@ def collate(rows: list[dict], pad_id: int, packed: bool, device) -> dict:
     Unpacked rows need no segment ids: right padding never affects real tokens under causal attention.
     """
     arrays = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "targets", "position_ids", "segment_ids")}
-    real = (arrays["targets"] != -100) | (arrays["input_ids"] != pad_id)
+    real = (arrays["targets"] != IGNORE_INDEX) | (arrays["input_ids"] != pad_id)
     cols = np.nonzero(real.any(axis=0))[0]
     width = int(cols[-1]) + 1 if len(cols) else 1
     batch = {k: torch.from_numpy(np.ascontiguousarray(v[:, :width]).astype(np.int64)).to(device)

@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch.utils.data
 
+from petformers.data.packing import IGNORE_INDEX
 from petformers.errors import DataError
 
 _NUMPY = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8"}
@@ -303,7 +304,7 @@ class MindRecordDataset(torch.utils.data.Dataset):
                             f"{len(labels)} labels; every row must have seq_length+1 = {self.seq_length + 1}")
         inputs = ids[:-1].copy()
         targets = labels[1:].copy()
-        targets[inputs == self.pad_id] = -100
+        targets[inputs == self.pad_id] = IGNORE_INDEX
         return {
             "input_ids": inputs,
             "targets": targets,

@@ -24,7 +24,7 @@ from bisect import bisect_left, insort
 
 import numpy as np
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target that is not trained (PyTorch's cross_entropy default); the one definition
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:

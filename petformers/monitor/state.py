@@ -15,6 +15,8 @@ import socket
 import traceback
 from pathlib import Path
 
+from petformers import atomic
+
 STATE_FILE = "run_state.json"
 STATES = ("running", "finished", "stopped", "crashed")
 
@@ -26,12 +28,7 @@ def _now() -> str:
 def write_state(run_dir: str | os.PathLike, fields: dict) -> Path:
     """Write `fields` as RUN/run_state.json atomically (temp file, fsync, rename)."""
     path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

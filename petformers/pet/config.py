@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from petformers.errors import AdapterError, ConfigError
+from petformers.pet.lora import lora_scaling
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class PetConfig:
 
     def scaling(self, rank: int, alpha: float) -> float:
         """The factor on B·A·x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return alpha / (rank ** 0.5 if self.use_rslora else rank)
+        return lora_scaling(rank, alpha, self.use_rslora)
 
     # ---- MindFormers YAML ------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ from petformers.quant.weight import QuantizedWeight
 ADAPTER_DTYPE = torch.float32
 
 
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor s on B·A·x: alpha / r, or alpha / sqrt(r) with rsLoRA (the one place this rule lives)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 class LoRALinear(nn.Module):
     def __init__(self, weight: nn.Parameter | QuantizedWeight, bias: nn.Parameter | None, rank: int, alpha: float, *,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False):
@@ -42,7 +47,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.rank, self.alpha = rank, alpha
-        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.use_dora = use_dora
         self.weight = weight if isinstance(weight, QuantizedWeight) else weight.requires_grad_(False)
         self.bias = bias.requires_grad_(False) if bias is not None else None

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from petformers import atomic
+from petformers.atomic import atomic_open
 from petformers.checkpoint.peft import merge_adapter
 from petformers.data.formats import load_samples
 from petformers.data.loader import collate, open_dataset
@@ -110,7 +112,7 @@ def run_eval(cfg, env, out: Path) -> dict:
     results["model"] = cfg.load_checkpoint
     results["adapter"] = cfg.adapter or None
     if env.is_main:
-        (out / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic.write_json(out / "eval_results.json", results)
         for key, value in results["metrics"].items():
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     return results
@@ -128,7 +130,7 @@ def run_predict(cfg, env, out: Path) -> dict:
     if env.is_main:
         for a in answers:
             print(a)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        with atomic_open(out / "predictions.jsonl") as fh:
             for p, a in zip(prompts, answers):
                 fh.write(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n")
     return {"predictions": len(answers)}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from petformers.checkpoint import dcp, training as checkpointing
 from petformers.checkpoint.peft import save_peft_adapter
 from petformers.data.loader import collate
+from petformers.data.packing import IGNORE_INDEX
 from petformers.distributed.env import DistEnv, all_reduce_sum, fail_if_asked, timeout_error
 from petformers.distributed.parallel import clip_grad_norm, is_sharded, plain_model, unshard_model, wrap_model
 from petformers.errors import TrainingError
@@ -148,7 +149,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
             fail_if_asked(step, env)
             batches = [collate([train_ds[i] for i in idx], pad_id, packed, device)
                        for idx in micro_batches(plan, step, cfg.seed, cfg.data.shuffle, env.rank)]
-            n_tokens = sum((b["targets"] != -100).sum() for b in batches).to(torch.float32)
+            n_tokens = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
             n_tokens = all_reduce_sum(n_tokens.clone(), env).clamp(min=1)
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:

@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from petformers import atomic
 from petformers.errors import DataError
 
 log = logging.getLogger("petformers")
@@ -121,11 +122,5 @@ def loss_png_bytes(records: list[dict], title: str = "Training loss") -> bytes:
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "Training loss") -> Path:
     """Draw train loss (and eval loss, when recorded) against step into `png_path`, atomically."""
     png_path = Path(png_path)
-    data = loss_png_bytes(read_metrics(metrics_path), title)
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, png_path)
+    atomic.write_bytes(png_path, loss_png_bytes(read_metrics(metrics_path), title))
     return png_path

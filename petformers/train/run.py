@@ -8,7 +8,6 @@ Only rank 0 writes them.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import resource
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from petformers import atomic
 from petformers.checkpoint.hf import save_model_dir
 from petformers.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from petformers.data.loader import open_dataset
@@ -65,7 +65,7 @@ def run(cfg, dry: bool = False, resolved: str = "", ignored: dict[str, str] | No
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if resolved:
-                (out / "resolved_config.yaml").write_text(resolved, encoding="utf-8")
+                atomic.write_text(out / "resolved_config.yaml", resolved)
             _log_ignored(ignored or {})
         with RunState(out, cfg.run_mode, enabled=env.is_main) as state:  # run_state.json, read by the board
             state.ended(summary := _run_mode(cfg, env, out))
@@ -137,7 +137,7 @@ def _finetune(cfg, env: DistEnv, out: Path) -> dict:
         eval_ds = open_dataset(cfg.data.eval_dataset_dir, tokenizer, cfg.model.seq_length, cfg.data.template, False,
                                cfg.data.drop_long, cfg.run_mode, pad_id=pad_id, progress=False)
     if env.is_main and getattr(train_ds, "meta", None):
-        (out / "data_summary.json").write_text(json.dumps(train_ds.meta, indent=2, ensure_ascii=False))
+        atomic.write_json(out / "data_summary.json", train_ds.meta)
     metrics = MetricsLog(out / "metrics.jsonl")
     summary = train(cfg, model, tokenizer, train_ds, eval_ds, env, out, metrics, pet)
     if env.is_main:
@@ -162,7 +162,7 @@ def _write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started
     peak = _peak_memory_mib()
     summary = summary | {"wall_seconds": time.perf_counter() - started, "peak_rss_mib": peak,
                          "artefacts": artefacts, "run_mode": cfg.run_mode}
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic.write_json(out / "run_summary.json", summary)
     lines = [f"steps: {summary.get('steps', summary.get('step'))}",
              f"loss: {summary.get('first_loss')} -> {summary.get('final_loss')}"]
     if "eval_loss" in summary:
