@@ -218,3 +218,15 @@ def test_adapter_loads_into_a_model_with_lora_from_the_yaml(tiny_model_dir, save
     with pytest.raises(AdapterError, match=r"scaling 2, use_dora False\) differs from the model's LoRA layer "
                                            r"\(scaling 4, use_dora False\)"):
         load_peft_adapter(other, saved_adapter)
+
+
+def test_peft_key_and_its_inverse_are_one_mapping():
+    from petformers.checkpoint.peft import name_of_peft_key, peft_key
+
+    assert peft_key("layers.0.attention.wq.lora_a.weight") == \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    for name in ("layers.0.attention.wq.lora_a.weight", "layers.1.feed_forward.w2.lora_b.weight",
+                 "layers.0.attention.wo.magnitude"):
+        assert name_of_peft_key(peft_key(name)) == name
+    for copy in ("lm_head.module.weight", "tok_embeddings.module.weight"):  # modules_to_save copies
+        assert name_of_peft_key(peft_key(copy)) == copy.replace(".module.", ".")

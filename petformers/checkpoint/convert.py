@@ -34,10 +34,10 @@ from petformers.checkpoint.hf import save_model_dir
 from petformers.checkpoint.load import detect_format, load_pretrained, load_tokenizer
 from petformers.checkpoint.mindspore_load import (expected_shapes, iter_base_tensors, merge_lora_tensors,
                                                   mindpet_lora_tensors, save_mindformers_ckpt)
-from petformers.checkpoint.peft import CONFIG_FILE, load_peft_adapter, read_adapter_config, read_adapter_tensors
+from petformers.checkpoint.peft import (CONFIG_FILE, load_peft_adapter, peft_key, read_adapter_config,
+                                       read_adapter_state)
 from petformers.errors import AdapterError, CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
-from petformers.models.names import from_hf
 from petformers.pet.config import PetConfig
 
 log = logging.getLogger(__name__)
@@ -100,22 +100,13 @@ def hf_to_mindspore(source: Path, out_dir: Path, dtype=None) -> Path:
 
 
 def peft_adapter_tensors(adapter_dir: Path) -> dict:
-    """A PEFT adapter's tensors under petformers names (`layers.0.attention.wq.lora_a.weight`, `lm_head.weight`)."""
-    read_adapter_config(adapter_dir)  # a clear error when this is not an adapter directory
-    out = {}
-    for key, tensor in read_adapter_tensors(adapter_dir).items():
-        name = key.removeprefix("base_model.model.")
-        if name.endswith("lora_magnitude_vector"):
-            raise AdapterError(f"{adapter_dir}: {key!r} is a DoRA magnitude, which mindpet has no place for: "
-                               "use --merged, or train plain LoRA")
-        for peft, ours in ((".lora_A.weight", ".lora_a.weight"), (".lora_B.weight", ".lora_b.weight")):
-            if name.endswith(peft):
-                name = from_hf(name[: -len(peft)]) + ours
-                break
-        else:
-            name = from_hf(name)  # a modules_to_save copy, under its module's own name
-        out[name] = tensor
-    return out
+    """A PEFT adapter's tensors under petformers names, for mindpet (which has no place for DoRA)."""
+    state = read_adapter_state(adapter_dir)
+    dora = next((name for name in state if name.endswith(".magnitude")), None)
+    if dora:
+        raise AdapterError(f"{adapter_dir}: {peft_key(dora)!r} is a DoRA magnitude, which mindpet has no place for: "
+                           "use --merged, or train plain LoRA")
+    return state
 
 
 def peft_to_mindspore(adapter_dir: Path, out_dir: Path, dtype=None, merged: bool = False, base: str | None = None,

@@ -128,7 +128,8 @@ def _load_full_into(path: Path, model: nn.Module, optimizer):
     # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    tensors, opt_state, _, _ = checkpointing.load_checkpoint(path)
+    saved = checkpointing.load_checkpoint(path)
+    tensors, opt_state = saved.trainable, saved.optimizer
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     _check_keys(path, set(names), set(tensors))
     # The optimizer was built over the trainable parameters in named_parameters() order, so
@@ -165,7 +166,7 @@ def read_trainable(path: Path) -> dict[str, torch.Tensor]:
     """The whole trainable tensors of a checkpoint of either layout, in this process (no process group)."""
     path = Path(path)
     if not is_sharded(path):
-        return checkpointing.load_checkpoint(path)[0]
+        return checkpointing.load_checkpoint(path).trainable
     # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     import torch.distributed.checkpoint as dcp
 

@@ -46,6 +46,22 @@ def peft_key(name: str) -> str:
     return _PREFIX + names.to_hf(f"{module_name}.{rest}")
 
 
+def name_of_peft_key(key: str) -> str:
+    """PEFT's saved key -> petformers name: peft_key's inverse (a modules_to_save copy comes back under its
+    module's own name, `lm_head.weight`)."""
+    name = key.removeprefix(_PREFIX)
+    for suffix, peft in _PARAM_TO_PEFT.items():
+        if name.endswith("." + peft):
+            return names.from_hf(name[: -len(peft) - 1]) + "." + suffix
+    return names.from_hf(name)
+
+
+def read_adapter_state(adapter_dir) -> dict[str, torch.Tensor]:
+    """A PEFT adapter's tensors under petformers names (`layers.0.attention.wq.lora_a.weight`, `lm_head.weight`)."""
+    read_adapter_config(Path(adapter_dir))  # a clear error when this is not an adapter directory
+    return {name_of_peft_key(key): t for key, t in read_adapter_tensors(Path(adapter_dir)).items()}
+
+
 def save_peft_adapter(model: nn.Module, pet_config: PetConfig, out_dir, base_model_name_or_path: str | None):
     """Write the adapter of `model` as a PEFT adapter directory (each file written atomically)."""
     out_dir = Path(out_dir)

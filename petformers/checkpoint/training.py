@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -251,8 +252,16 @@ def latest_good_checkpoint(root: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
-    """(trainable tensors, optimizer state, rng state, trainer state) of one checkpoint directory."""
+class TrainingCheckpoint(NamedTuple):
+    """What one checkpoint directory holds (a named tuple: it unpacks in this order)."""
+    trainable: dict  # trainable tensors, petformers names
+    optimizer: dict  # optimizer.state_dict()
+    rng: dict  # rng_state()
+    state: dict  # trainer_state.json
+
+
+def load_checkpoint(path: Path) -> TrainingCheckpoint:
+    """The trainable tensors, optimizer state, rng state and trainer state of one checkpoint directory."""
     try:
         trainable = load_file(str(path / "trainable.safetensors"))
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -260,4 +269,4 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
-    return trainable, optimizer, rng, state
+    return TrainingCheckpoint(trainable, optimizer, rng, state)

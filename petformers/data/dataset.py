@@ -51,6 +51,11 @@ class InMemoryDataset(Dataset):
         return bool(self.meta.get("packing", False))
 
     @property
+    def pad_id(self) -> int:
+        """The id the rows are padded with (the tokenizer's, recorded in meta.json)."""
+        return int(self.meta.get("pad_id") or 0)
+
+    @property
     def seq_length(self) -> int:
         return self.arrays["input_ids"].shape[1]
 

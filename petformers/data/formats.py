@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from petformers.atomic import atomic_open
@@ -292,7 +293,16 @@ def to_messages(value, fmt: str) -> list[dict]:
     return openai_messages(value)
 
 
-def load_samples(path, skip_invalid: bool = False) -> tuple[list[Sample], list[str], int, str, str]:
+class LoadedSamples(NamedTuple):
+    """What load_samples read (a named tuple: `samples, skipped, *_ = load_samples(p)` still works)."""
+    samples: list[Sample]
+    skipped: list[str]  # one message per record skipped with skip_invalid
+    records: int  # records in the file
+    format: str  # alpaca | sharegpt | messages
+    sha256: str  # of the source file
+
+
+def load_samples(path, skip_invalid: bool = False) -> LoadedSamples:
     """(samples, skipped messages, number of records, format, source sha256) of a conversation file.
 
     Without `skip_invalid` the first bad record raises DataError; with it, bad records are
@@ -320,7 +330,7 @@ def load_samples(path, skip_invalid: bool = False) -> tuple[list[Sample], list[s
             skipped.append(message)
     if not samples:
         raise DataError(f"{path}: no valid record ({len(skipped)} skipped; the first: {skipped[0]})")
-    return samples, skipped, len(records), fmt, sha
+    return LoadedSamples(samples, skipped, len(records), fmt, sha)
 
 
 def load_texts(path, skip_invalid: bool = False) -> tuple[list[str], list[str], str]:
@@ -394,7 +404,8 @@ def write_jsonl_atomic(records, out_path) -> None:
 
 def convert(input_path, output_path, skip_invalid: bool = False) -> tuple[int, list[str], str]:
     """Alpaca / ShareGPT / OpenAI messages -> conversation JSONL. Returns (written, skipped, format)."""
-    samples, skipped, _, fmt, _ = load_samples(input_path, skip_invalid)
+    loaded = load_samples(input_path, skip_invalid)
+    samples, skipped, fmt = loaded.samples, loaded.skipped, loaded.format
     # Ids count from 1, as alpaca_converter's do; a record's own id is kept.
     write_jsonl_atomic((to_sharegpt(s.messages, s.id or str(i)) for i, s in enumerate(samples, start=1)),
                        output_path)

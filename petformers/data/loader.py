@@ -36,9 +36,9 @@ def dataset_kind(path) -> str:
 
 
 def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: bool, drop_long: bool = False,
-                 run_mode: str = "finetune", pad_id: int | None = None, progress: bool = True):
-    """`pad_id` masks a MindRecord's padded inputs (MindFormers uses model_config.pad_token_id);
-    default: the tokenizer's pad id, else 0."""
+                 run_mode: str = "finetune", pad_id: int = 0, progress: bool = True):
+    """`pad_id`: the id a MindRecord's rows are padded with, masked from the loss as MindFormers does
+    (train.setup.data_pad_id decides it). Every dataset returned tells its own `pad_id`."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: dataset not found")
@@ -50,8 +50,7 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
         return ds
     if kind == "mindrecord":
         file = p if p.is_file() else sorted(x for x in p.glob("*.mindrecord*") if not x.name.endswith(".db"))[0]
-        pad = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
-        return MindRecordDataset(str(file), pad_id=pad)
+        return MindRecordDataset(str(file), pad_id=pad_id)
     if tokenizer is None:
         raise DataError(f"{path}: a raw dataset needs a tokenizer (the checkpoint has none; set processor.tokenizer)")
 
@@ -65,7 +64,8 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
 
 
 def collate(rows: list[dict], pad_id: int, packed: bool, device) -> dict:
-    """Stack rows into tensors, trimming columns that are padding in every row (pads sit at the end).
+    """Stack rows into tensors, trimming columns that are padding in every row (pads sit at the end;
+    `pad_id` is the dataset's own, `dataset.pad_id`).
 
     Unpacked rows need no segment ids: right padding never affects real tokens under causal attention.
     """

@@ -27,12 +27,12 @@ from petformers.faults import kill_point
 from petformers.generate import GenerationConfig
 from petformers.inference import answer, encode_prompt, read_prompts
 from petformers.train.loss import chunked_cross_entropy_sum
-from petformers.train.setup import load_model_for_run
+from petformers.train.setup import data_pad_id, load_model_for_run
 
 log = logging.getLogger("petformers")
 
 
-def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: DistEnv, progress: bool = False,
+def evaluate_loss(model, dataset, batch_size: int, device, env: DistEnv, progress: bool = False,
                   forward=None) -> dict:
     """Mean token loss and perplexity (= exp(mean token loss)) over the whole eval set.
 
@@ -51,7 +51,7 @@ def evaluate_loss(model, dataset, batch_size: int, pad_id: int, device, env: Dis
         for start in tqdm(range(0, per_rank, batch_size), desc="eval", disable=not progress, leave=False):
             kill_point("eval")
             chunk = indices[start:start + batch_size]
-            batch = collate([dataset[i] for i in chunk or [0]], pad_id, packed, device)
+            batch = collate([dataset[i] for i in chunk or [0]], dataset.pad_id, packed, device)
             hidden = forward(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
             if not chunk:
                 continue
@@ -100,12 +100,11 @@ def run_eval(cfg, env, out: Path) -> dict:
                           "(or pass --eval_dataset_dir)")
     model, tokenizer = _load_for_inference(cfg, env)
     ds = open_dataset(path, tokenizer, cfg.model.seq_length, cfg.data.template, False, cfg.data.drop_long, "finetune",
-                      progress=env.is_main)
-    pad = tokenizer.pad_id if tokenizer is not None else 0
+                      pad_id=data_pad_id(cfg, model, tokenizer), progress=env.is_main)
     eval_batch = max(cfg.runner.batch_size, 8)  # no gradients: larger batches fit, and are faster
-    results = {"metrics": evaluate_loss(model, ds, eval_batch, pad, env.device, env, progress=env.is_main)}
+    results = {"metrics": evaluate_loss(model, ds, eval_batch, env.device, env, progress=env.is_main)}
     if cfg.eval.eval_generation:
-        samples, _, _, _, _ = load_samples(path)
+        samples = load_samples(path).samples
         gen = evaluate_generation(model, tokenizer, samples, cfg.data.template, cfg.eval.max_new_tokens, eval_batch)
         results["metrics"] |= gen["metrics"]
         results["samples"] = gen["samples"]

@@ -62,7 +62,7 @@ class StopFlag:
 def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, metrics, pet_config=None) -> dict:
     """Run the optimizer steps; returns the run summary. `model` already carries its adapters."""
     device = env.device
-    pad_id = tokenizer.pad_id if tokenizer is not None else (model.config.pad_token_id or 0)
+    pad_id = train_ds.pad_id  # what the rows are padded with: collate trims those columns
     packed = bool(getattr(train_ds, "packing", False))
     plan = step_plan(cfg.runner, len(train_ds), env.world_size)
     if plan.steps_per_epoch == 0:
@@ -191,7 +191,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
                 bar.update(1)
             if eval_ds is not None and cfg.eval.do_eval and cfg.eval.eval_step_interval > 0 \
                     and done % cfg.eval.eval_step_interval == 0 and done != total:
-                last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, pad_id, device, env, forward=hidden_fn)
+                last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, device, env, forward=hidden_fn)
                 if env.is_main:
                     metrics.write({"step": done, **last_eval})
                     bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} ppl {last_eval['eval_ppl']:.2f}")
@@ -211,7 +211,7 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
         save(total, "end of training")
     elapsed = time.perf_counter() - started
     if eval_ds is not None and cfg.eval.do_eval:
-        last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, pad_id, device, env, forward=hidden_fn)
+        last_eval = evaluate_loss(model, eval_ds, cfg.runner.batch_size, device, env, forward=hidden_fn)
         if env.is_main:
             metrics.write({"step": total, **last_eval})
     if sharded:  # rank 0 gets a plain model back for the final artefacts (adapter, merged)
