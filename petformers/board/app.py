@@ -95,7 +95,7 @@ def create_app(output_root: str | Path, allowed_hosts: list[str] | None = None) 
         configs, notes = {}, []
         for name in names:
             try:
-                _, parsed, note = rundirs.read_config(rundirs.run_path(root, name))
+                _, parsed, note = rundirs.read_run_config(rundirs.run_path(root, name))
             except rundirs.OutsideRoot as e:
                 return _json({"error": str(e)}, 404)
             configs[name] = parsed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from petformers.board.runs import OutsideRoot, read_config
+from petformers.board.runs import OutsideRoot, read_run_config
 from petformers.generate import GenerationConfig, StreamPrinter, generate
 from petformers.inference import encode_prompt, load_for_inference
 
@@ -39,7 +39,7 @@ class ChatModels:
         self._loaded = None
 
     def _load(self, run: Path):
-        _, config, note = read_config(run)
+        _, config, note = read_run_config(run)
         base = config.get("load_checkpoint")
         if not base:
             raise OutsideRoot(note or f"{run.name}: resolved_config.yaml names no load_checkpoint to chat with")

@@ -191,7 +191,7 @@ def _parse_line(raw: bytes, chunk: MetricsChunk):
     chunk.records.append({k: _finite(v) for k, v in record.items()})
 
 
-def read_config(run: Path) -> tuple[str, dict, str]:
+def read_run_config(run: Path) -> tuple[str, dict, str]:
     """(text, parsed mapping, note) of `resolved_config.yaml`."""
     path = run / "resolved_config.yaml"
     if not path.is_file():
@@ -302,7 +302,7 @@ def run_detail(root: Path, name: str) -> dict:
     run = run_path(root, name)
     notes: list[str] = []
     state, reason = run_state(run)
-    text, parsed, note = read_config(run)
+    text, parsed, note = read_run_config(run)
     if note:
         notes.append(note)
     summary, note = _read_json(run / "run_summary.json")

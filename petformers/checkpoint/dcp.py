@@ -32,7 +32,7 @@ from petformers.faults import kill_point
 DCP_DIR = "dcp"
 
 
-def is_sharded(path: Path) -> bool:
+def is_sharded_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
 
 
@@ -86,7 +86,7 @@ def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer, 
     return checkpointing.commit_checkpoint(root, tmp, step, state, keep_max, adapter, extra_json)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
+def restore_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
     """Load a checkpoint of either layout into `model` (plain or FSDP) and `optimizer`, at any world size.
 
     Every rank calls it. Returns (rng state, trainer state).
@@ -97,7 +97,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict
         state = json.loads((path / checkpointing.STATE_FILE).read_text(encoding="utf-8"))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
-    if is_sharded(path):
+    if is_sharded_checkpoint(path):
         _load_sharded(path, model, optimizer)
     else:
         _load_full_into(path, model, optimizer)
@@ -165,7 +165,7 @@ def _saved_model_keys(path: Path) -> dict:
 def read_trainable(path: Path) -> dict[str, torch.Tensor]:
     """The whole trainable tensors of a checkpoint of either layout, in this process (no process group)."""
     path = Path(path)
-    if not is_sharded(path):
+    if not is_sharded_checkpoint(path):
         return checkpointing.load_checkpoint(path).trainable
     # torch.distributed.checkpoint is heavy to import and only sharded (FSDP) checkpoints need it
     import torch.distributed.checkpoint as dcp

@@ -160,7 +160,7 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
     return records
 
 
-def detect_format(path: Path, records: list[Record]) -> str:
+def detect_record_format(path: Path, records: list[Record]) -> str:
     """'alpaca', 'sharegpt', 'messages' or 'text': the format of the first record that shows one.
 
     Records before it (not JSON, or objects of no known format) are reported as bad records later.
@@ -311,7 +311,7 @@ def load_samples(path, skip_invalid: bool = False) -> LoadedSamples:
     path = Path(path)
     text, sha = read_text(path)
     records = read_records(path, text)
-    fmt = detect_format(path, records)
+    fmt = detect_record_format(path, records)
     if fmt == "text":
         raise DataError(f"{path}: records have a 'text' field: this is raw text for pre-training "
                         "(run_mode train), not instruction data")

@@ -101,8 +101,8 @@ def train(cfg, model, tokenizer, train_ds, eval_ds, env: DistEnv, out: Path, met
     if cfg.resume_training:
         good = checkpointing.latest_good_checkpoint(ckpt_root, warn=env.is_main)
         if good is not None:
-            if sharded or dcp.is_sharded(good):  # resharded to this world size (auto_trans_ckpt)
-                rng, state = dcp.load_checkpoint(good, model, optimizer)
+            if sharded or dcp.is_sharded_checkpoint(good):  # resharded to this world size (auto_trans_ckpt)
+                rng, state = dcp.restore_checkpoint(good, model, optimizer)
             else:
                 tensors, opt_state, rng, state = checkpointing.load_checkpoint(good)
                 load_trainable_state(model, tensors, str(good))
