@@ -27,7 +27,7 @@ from petformers.pet.inject import apply_lora
 from petformers.pet.merge import merge_and_unload
 from petformers.train.dry_run import dry_run
 from petformers.train.evaluate import run_eval, run_predict
-from petformers.train.loop import train
+from petformers.train.finetune import train
 from petformers.train.metrics_log import MetricsLog, plot_loss
 from petformers.train.setup import (checkpoint_lora, data_pad_id, load_checkpoint_lora, load_model_for_run,
                                     pet_config_of, seed_everything)
