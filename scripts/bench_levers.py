@@ -52,7 +52,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: float) -> dict:
     if spec.get("low_rss"):
-        from petformers.train.run import return_freed_memory_to_os
+        from petformers.train.setup import return_freed_memory_to_os
 
         return_freed_memory_to_os()
     import torch

@@ -172,3 +172,19 @@ def _report_arch_overrides(cfg, config: LlamaConfig, env: DistEnv):
     if differing and env.is_main:
         log.info("petformers: model_config keys %s differ from the checkpoint's own config; the checkpoint's are used",
                  ", ".join(differing))
+
+
+def return_freed_memory_to_os():
+    """PETFORMERS_LOW_RSS=1: make glibc give freed tensors back to the OS. At the first free of a large block glibc raises
+    its mmap threshold, and from then on keeps freed activations in its heaps: a CPU training step's
+    RSS grows to ~1.5x the tensors alive at its peak (docs/benchmarks.md). A fixed threshold (glibc's
+    default, 128 KiB) maps each large tensor on its own and unmaps it when freed. The price: every
+    activation lands on fresh pages the kernel must zero, measured 1.5x slower steps on the bench (so
+    off by default). glibc only; a no-op elsewhere."""
+    import ctypes  # glibc only, and only with PETFORMERS_LOW_RSS=1
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass
