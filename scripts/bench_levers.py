@@ -1,7 +1,7 @@
 """The levers of docs/benchmarks.md: what each of petformers' optimizations buys, one at a time.
 
 Each variant trains a few optimizer steps (after one untimed warm-up step) with petformers' own
-model, LoRA, collate and loss, as petformers/train/loop.py does, on the bench workload's rows, in a
+model, LoRA, collate and loss, as petformers/train/finetune.py does, on the bench workload's rows, in a
 child process of its own (so its peak RSS is its own). The weights are random with SmolLM2-135M's
 shapes: speed and memory do not depend on their values, and skipping the GGUF load keeps each
 variant short. `scripts/bench.py --levers` runs them all and puts the table in docs/benchmarks.md.
