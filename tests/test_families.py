@@ -16,7 +16,8 @@ from family_models import EOS, FAMILIES, GGUF_ARCH, PAD, llama3_rope_factors, re
 from petformers.checkpoint.load import load_pretrained
 from petformers.cli.main import main
 from petformers.generate import GenerationConfig, generate
-from petformers.pet import PetConfig, apply_lora, load_peft_adapter, lora_state_dict, save_peft_adapter
+from petformers.checkpoint.peft import load_peft_adapter, save_peft_adapter
+from petformers.pet import PetConfig, apply_lora, lora_state_dict
 
 TOL = 1e-5
 MAX_ID = 300  # token ids drawn below this: inside the tiny tokenizer's vocabulary (358 tokens without the shared Alpaca text, 512 with it)

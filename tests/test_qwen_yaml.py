@@ -17,7 +17,7 @@ from test_qwen_tokenizer import as_vocab_merges, train_qwen_style
 from petformers.checkpoint.load import load_pretrained
 from petformers.cli.main import main
 from petformers.models.config import LlamaConfig
-from petformers.pet import load_peft_adapter
+from petformers.checkpoint.peft import load_peft_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_YAML = REPO / "configs/qwen2_5/lora_qwen2_5_0_5b.yaml"
