@@ -87,7 +87,7 @@ class FourBitWeight(QuantizedWeight):
     def dequantize_fused(self, dtype: torch.dtype) -> torch.Tensor:
         """bitsandbytes' fused dequantization kernel (CUDA; on CPU its C kernel): the same blocks, the
         same values (tests/test_quant.py compares them on CPU)."""
-        import bitsandbytes.functional as bnb
+        import bitsandbytes.functional as bnb  # optional: called only when fused_4bit_available()
 
         nested = None
         if self.double_quant:
