@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from conftest import MINDSPORE_FIXTURES
 from petformers.checkpoint.load import load_pretrained
 from petformers.checkpoint.mindspore_ckpt import read_ckpt, write_ckpt
-from petformers.checkpoint.mindspore_load import (iter_base_tensors, merge_lora_tensors, mindpet_lora_tensors,
-                                                  save_mindformers_ckpt)
+from petformers.checkpoint.mindspore_load import iter_base_tensors
+from petformers.checkpoint.mindspore_lora import merge_lora_tensors, mindpet_lora_tensors
+from petformers.checkpoint.mindspore_save import save_mindformers_ckpt
 from petformers.errors import AdapterError, CheckpointError
 from petformers.models.config import LlamaConfig
 

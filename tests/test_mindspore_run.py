@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import MINDSPORE_FIXTURES
 from petformers.checkpoint.load import load_pretrained
 from petformers.checkpoint.mindspore_ckpt import read_ckpt, write_ckpt
-from petformers.checkpoint.mindspore_load import mindpet_lora_tensors
+from petformers.checkpoint.mindspore_lora import mindpet_lora_tensors
 from petformers.cli.main import main
 from petformers.models.config import LlamaConfig
 

@@ -32,8 +32,9 @@ from petformers.checkpoint import hf, mindspore_load
 from petformers.checkpoint.download import resolve
 from petformers.checkpoint.hf import save_model_dir
 from petformers.checkpoint.load import detect_format, load_pretrained, load_tokenizer
-from petformers.checkpoint.mindspore_load import (expected_shapes, iter_base_tensors, merge_lora_tensors,
-                                                  mindpet_lora_tensors, save_mindformers_ckpt)
+from petformers.checkpoint.mindspore_load import expected_shapes, iter_base_tensors
+from petformers.checkpoint.mindspore_lora import merge_lora_tensors, mindpet_lora_tensors
+from petformers.checkpoint.mindspore_save import save_mindformers_ckpt
 from petformers.checkpoint.peft import (CONFIG_FILE, load_peft_adapter, peft_key, read_adapter_config,
                                        read_adapter_state)
 from petformers.errors import AdapterError, CheckpointError, ConfigError

@@ -15,7 +15,7 @@ import torch
 
 from petformers.checkpoint import download
 from petformers.checkpoint.load import detect_format, load_config, load_pretrained, load_tokenizer
-from petformers.checkpoint.mindspore_load import mindpet_lora_tensors
+from petformers.checkpoint.mindspore_lora import mindpet_lora_tensors
 from petformers.data.loader import dataset_kind
 from petformers.distributed.env import DistEnv
 from petformers.errors import ConfigError
