@@ -16,7 +16,8 @@ import llamacpp
 from conftest import write_tiny_llama
 from petformers.checkpoint import gguf_quants, gguf_write
 from petformers.checkpoint.load import load_pretrained
-from petformers.pet import PetConfig, apply_lora, lora_state_dict, save_peft_adapter
+from petformers.checkpoint.peft import save_peft_adapter
+from petformers.pet import PetConfig, apply_lora, lora_state_dict
 
 needs_llamacpp = pytest.mark.skipif(llamacpp.unavailable_reason() is not None,
                                     reason=str(llamacpp.unavailable_reason()))

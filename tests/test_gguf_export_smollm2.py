@@ -15,7 +15,8 @@ import torch
 import llamacpp
 from petformers.checkpoint.gguf_export import (export_gguf_lora, export_merged, load_base, source_reader,
                                                touched_parameters)
-from petformers.pet import PetConfig, apply_lora, merge_and_unload, save_peft_adapter
+from petformers.checkpoint.peft import save_peft_adapter
+from petformers.pet import PetConfig, apply_lora, merge_and_unload
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(llamacpp.unavailable_reason() is not None, reason=str(llamacpp.unavailable_reason()))]

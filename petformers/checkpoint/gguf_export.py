@@ -12,9 +12,10 @@ from petformers.checkpoint import download, gguf_file, gguf_quants, gguf_write
 from petformers.checkpoint.load import detect_format, load_config, load_pretrained
 from petformers.checkpoint.materialize import materialize
 from petformers.checkpoint.ollama import write_modelfile
+from petformers.checkpoint.peft import load_peft_adapter
 from petformers.errors import CheckpointError
 from petformers.models.llama import build_model
-from petformers.pet import load_peft_adapter, merge_and_unload
+from petformers.pet import merge_and_unload
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
 from petformers.tokenizer import Tokenizer

@@ -13,19 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from petformers.atomic import replacing
 from petformers.checkpoint import gguf_quants
 from petformers.errors import CheckpointError, ConfigError
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -334,35 +334,32 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable, tensors: list[Plan
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; --output names the .gguf file to write")
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(tmp), arch)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
     try:
-        add_metadata(writer)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), gguf_quants.nbytes(t.qtype, t.shape),
-                                   raw_dtype=gguf_quants.ggml_type(t.qtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tqdm(tensors, desc=f"writing {path.name}", unit="tensor", disable=not progress,
-                      mininterval=1.0):
-            data = np.ascontiguousarray(t.produce())
-            writer.write_tensor_data(data)
-        fout = writer.fout[0]
-        fout.flush()
-        os.fsync(fout.fileno())
-    except BaseException as e:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, permissions: one line, nothing partial left behind
-            raise CheckpointError(f"{path}: writing failed ({e.strerror or e}); nothing was written") from None
-        raise
-    writer.close()
-    os.replace(tmp, path)
+        with replacing(path) as tmp:  # fsynced and renamed into place once whole; removed on any error
+            try:
+                writer = gguf.GGUFWriter(str(tmp), arch)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
+            try:
+                add_metadata(writer)
+                for t in tensors:
+                    writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), gguf_quants.nbytes(t.qtype, t.shape),
+                                           raw_dtype=gguf_quants.ggml_type(t.qtype))
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for t in tqdm(tensors, desc=f"writing {path.name}", unit="tensor", disable=not progress,
+                              mininterval=1.0):
+                    data = np.ascontiguousarray(t.produce())
+                    writer.write_tensor_data(data)
+            finally:
+                writer.close()
+    except OSError as e:  # disk full, permissions: one line, nothing partial left behind
+        raise CheckpointError(f"{path}: writing failed ({e.strerror or e}); nothing was written") from None
     return path
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from petformers import atomic
 from petformers.tokenizer import render_chat_template
-import os
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,5 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     """`Modelfile` beside the GGUF (atomic)."""
     gguf_path = Path(gguf_path)
     out = gguf_path.parent / "Modelfile"
-    tmp = out.with_name("Modelfile.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(modelfile_text(gguf_path.name, tokenizer))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    atomic.write_text(out, modelfile_text(gguf_path.name, tokenizer))
     return out
