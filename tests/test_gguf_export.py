@@ -35,6 +35,7 @@ def make_adapter(model_dir: Path, out: Path, **pet) -> tuple[Path, torch.Tensor]
 
     model = load_pretrained(model_dir, with_tokenizer=False)[0]
     config = PetConfig(**({"lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear"} | pet))
+    torch.manual_seed(0)  # LoRA A's init draws from the global generator: the same adapter whatever ran before
     apply_lora(model, config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
