@@ -3,6 +3,7 @@ a missing tensorboard package is one clear line."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -81,3 +82,71 @@ def test_missing_tensorboard_package_is_one_clear_line(tmp_path, monkeypatch):
 def test_queue_size_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="tensorboard_queue_size: 0"):
         TensorBoardLog(tmp_path / "tb", 0)
+
+
+# ---- a real run ----------------------------------------------------------------------------------
+
+def _event_files(root):
+    return sorted(p for p in root.rglob("events.out.tfevents.*"))
+
+
+def test_mindformers_tensorboard_section_writes_every_metric_of_a_run(tmp_path, tiny_model_dir):
+    import yaml
+
+    from board_helpers import write_run_config
+    from petformers.cli.main import main
+
+    out, tb = tmp_path / "run", tmp_path / "worker" / "tensorboard"
+    cfg = write_run_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path, out, max_steps=8, eval_every=4,
+                           tensorboard={"tensorboard_dir": str(tb), "tensorboard_queue_size": 3,
+                                        "log_timers_to_tensorboard": True})
+    assert main(["run", "--config", str(cfg)]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    scalars, texts = read_events(tb)
+    assert len(_event_files(tb)) == 1
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9)) and len(evals) == 2
+    for tag, key, rows in (("train/loss", "loss", steps), ("train/lr", "lr", steps),
+                           ("train/grad_norm", "grad_norm", steps), ("train/tokens_per_s", "tokens_per_s", steps),
+                           ("train/peak_memory_mib", "peak_memory_mib", steps), ("eval/loss", "eval_loss", evals),
+                           ("eval/ppl", "eval_ppl", evals)):
+        assert scalars[tag] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows], tag
+    assert all(r["peak_memory_mib"] > 50 for r in steps)  # a process with torch loaded holds more than 50 MiB
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["tensorboard"]["tensorboard_dir"] == str(tb)
+    assert "tensorboard_queue_size: 3" in texts["config/text_summary"][0]
+
+
+def test_tensorboard_dir_flag_and_eval_metrics(tmp_path, tiny_model_dir, capsys):
+    from board_helpers import write_run_config
+    from petformers.cli.main import main
+
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    cfg = write_run_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path, out, max_steps=2)
+    assert main(["run", "--config", str(cfg), "--tensorboard_dir", str(tb)]) == 0
+    assert [s for s, _ in read_events(tb)[0]["train/loss"]] == [1, 2]
+    eval_tb = tmp_path / "tb_eval"
+    assert main(["run", "--config", str(cfg), "--run_mode", "eval", "--output_dir", str(tmp_path / "eval"),
+                 "--eval_dataset_dir", str(tmp_path / "tickets.json"), "--tensorboard_dir", str(eval_tb)]) == 0
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["metrics"]
+    scalars, _ = read_events(eval_tb)
+    assert scalars["eval/loss"] == [(0, pytest.approx(results["eval_loss"], rel=1e-6))]
+    assert scalars["eval/ppl"] == [(0, pytest.approx(results["eval_ppl"], rel=1e-6))]
+
+
+def test_under_torchrun_only_rank_0_writes_event_files(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+
+    from board_helpers import write_run_config
+
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    cfg = write_run_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path, out, max_steps=3,
+                           use_parallel=True, tensorboard={"tensorboard_dir": str(tb)})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "petformers", "run", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_event_files(tb)) == 1
+    assert [s for s, _ in read_events(tb)[0]["train/loss"]] == [1, 2, 3]

@@ -22,6 +22,10 @@ CHECKPOINT_MONITOR = "CheckpointMonitor"
 # indexes a list; "{ckpt}" is the index of the CheckpointMonitor entry in `callbacks`.
 _PLACES: dict[str, tuple[str, ...]] = {
     "runner.epochs": ("runner_config.epochs",),
+    "tensorboard.tensorboard_dir": ("tensorboard.tensorboard_dir",),
+    "tensorboard.tensorboard_queue_size": ("tensorboard.tensorboard_queue_size",),
+    "tensorboard.log_loss_scale_to_tensorboard": ("tensorboard.log_loss_scale_to_tensorboard",),
+    "tensorboard.log_timers_to_tensorboard": ("tensorboard.log_timers_to_tensorboard",),
     "runner.batch_size": ("runner_config.batch_size", "train_dataset.batch_size"),
     "runner.gradient_accumulation_steps": ("runner_config.gradient_accumulation_steps",),
     "runner.max_steps": ("max_steps", "runner_config.max_steps"),
@@ -110,7 +114,7 @@ _IGNORED_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "load_ckpt_format", "remove_redundancy", "pretrained_model_dir", "remote_save_url")),
     ("MindFormers' inference and logging switches; petformers' run_mode predict and metrics.jsonl replace them", (
         "top_k", "save_file", "predict_batch_size", "adapter_id", "output_path", "print_separate_loss",
-        "tensorboard", "eval_epoch_interval", "check_for_nan_in_loss_and_grad")),
+        "eval_epoch_interval", "check_for_nan_in_loss_and_grad")),
     ("data position is restored exactly on resume; nothing is skipped", ("ignore_data_skip", "data_skip_steps")),
     ("MindSpore data-sink and step bookkeeping; petformers counts optimizer steps itself", (
         "runner_config.sink_mode", "runner_config.sink_size", "runner_config.initial_epoch",

@@ -210,6 +210,18 @@ class EvalSection:
 
 
 @dataclass
+class TensorboardSection:
+    """TensorBoard event files (MindFormers' `tensorboard:` section); written by rank 0 only."""
+    tensorboard_dir: str = key("", "directory for TensorBoard event files (train/eval scalars, the resolved config "
+                                   "as text); empty: none. Needs `pip install 'petformers[tensorboard]'`")
+    tensorboard_queue_size: int = key(10, "events held before they are written to the file", at_least_1)
+    log_loss_scale_to_tensorboard: bool = key(False, "MindFormers' loss-scale scalar",
+                                              ignored="no loss scaling with float32 master weights")
+    log_timers_to_tensorboard: bool = key(False, "MindFormers' step-time scalars",
+                                          ignored="throughput is always written (train/tokens_per_s)")
+
+
+@dataclass
 class RunConfig:
     """Everything `petformers run` does. Top-level keys first, then one section per concern."""
     seed: int = key(0, "seed of every random generator (weights init, LoRA init, dropout, shuffling); a run is "
@@ -237,6 +249,7 @@ class RunConfig:
     checkpoint: CheckpointSection = section(CheckpointSection, "checkpoint")
     parallel: ParallelSection = section(ParallelSection, "parallel")
     eval: EvalSection = section(EvalSection, "eval")
+    tensorboard: TensorboardSection = section(TensorboardSection, "tensorboard")
     # bookkeeping (not YAML keys)
     ignored_keys: list[str] = field(default_factory=list)  # dotted paths of the source's keys not acted on
     source: str = ""  # the YAML path

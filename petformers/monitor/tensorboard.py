@@ -91,6 +91,17 @@ class TeeMetrics:
         self.close()
 
 
+def write_eval_scalars(log_dir, queue_size: int, metrics: dict, config_text: str = "", step: int = 0):
+    """run_mode eval: its metrics (eval/loss, eval/ppl, eval/exact_match, ...) at `step`, when `log_dir` is set."""
+    if not log_dir:
+        return
+    log = TensorBoardLog(log_dir, queue_size, config_text)
+    try:
+        log.write({"step": step, **metrics})
+    finally:
+        log.close()
+
+
 def with_tensorboard(metrics, log_dir, queue_size: int = 10, config_text: str = "", enabled: bool = True):
     """`metrics` teed into TensorBoard event files under `log_dir`; `metrics` itself when `log_dir` is empty
     or this is not the writing rank."""

@@ -26,6 +26,7 @@ from petformers.eval.metrics import generation_metrics
 from petformers.faults import kill_point
 from petformers.generate import GenerationConfig
 from petformers.inference import answer, encode_prompt, read_prompts
+from petformers.monitor.tensorboard import write_eval_scalars
 from petformers.train.loss import chunked_cross_entropy_sum
 from petformers.train.setup import data_pad_id, load_model_for_run
 
@@ -112,6 +113,9 @@ def run_eval(cfg, env, out: Path) -> dict:
     results["adapter"] = cfg.adapter or None
     if env.is_main:
         atomic.write_json(out / "eval_results.json", results)
+        resolved = out / "resolved_config.yaml"
+        write_eval_scalars(cfg.tensorboard.tensorboard_dir, cfg.tensorboard.tensorboard_queue_size, results["metrics"],
+                           resolved.read_text(encoding="utf-8") if resolved.is_file() else "")
         for key, value in results["metrics"].items():
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     return results

@@ -42,6 +42,7 @@ from petformers.pet.inject import apply_lora, load_trainable_state, trainable_pa
 from petformers.pet.merge import merge_and_unload
 from petformers.train.evaluate import evaluate_loss
 from petformers.train.loss import chunked_cross_entropy_sum
+from petformers.monitor.tensorboard import with_tensorboard
 from petformers.train.metrics_log import MetricsLog, plot_loss
 from petformers.train.optimizer import build_optimizer
 from petformers.train.plan import StepPlan, micro_batches, step_plan
@@ -66,7 +67,11 @@ def finetune(cfg, env: DistEnv, out: Path) -> dict:
     # 4. optimizer, schedule and, under torchrun, the DDP / FSDP wrapper; resume when asked
     job = build_job(cfg, model, pet, train_ds, env, out)
     # 5. the loop (with eval every eval_step_interval and checkpoints), 6. eval at the end
-    summary = train(job, train_ds, eval_ds, MetricsLog(out / "metrics.jsonl"))
+    # (metrics.jsonl, teed into TensorBoard event files by rank 0 when tensorboard_dir is set)
+    tb = cfg.tensorboard
+    with with_tensorboard(MetricsLog(out / "metrics.jsonl"), tb.tensorboard_dir, tb.tensorboard_queue_size,
+                          _resolved_text(out), enabled=env.is_main) as metrics:
+        summary = train(job, train_ds, eval_ds, metrics)
     # 7. outputs: adapter/ (PEFT), merged/, run_summary.json, loss.png
     if env.is_main:
         write_outputs(cfg, model, tokenizer, pet, out, summary, started)
@@ -158,7 +163,7 @@ def build_job(cfg, model, pet: PetConfig | None, train_ds, env: DistEnv, out: Pa
     return job
 
 
-def train(job: Job, train_ds, eval_ds, metrics: MetricsLog) -> dict:
+def train(job: Job, train_ds, eval_ds, metrics) -> dict:
     """The optimizer steps from job.start_step to job.total; returns the run summary."""
     cfg, env, plan, total = job.cfg, job.env, job.plan, job.total
     packed = bool(getattr(train_ds, "packing", False))
@@ -180,7 +185,7 @@ def train(job: Job, train_ds, eval_ds, metrics: MetricsLog) -> dict:
             record = {"step": done, "epoch": step // plan.steps_per_epoch, "loss": result.loss, "lr": result.lr,
                       "grad_norm": result.grad_norm, "trained_tokens": result.tokens,
                       "tokens_per_s": result.tokens / (time.perf_counter() - step_start),
-                      "elapsed_s": time.perf_counter() - started}
+                      "peak_memory_mib": _peak_memory_mib(), "elapsed_s": time.perf_counter() - started}
             history.append(result.loss)
             if env.is_main:
                 metrics.write(record)
@@ -355,7 +360,14 @@ def write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started:
     log.info("petformers: run summary\n  " + "\n  ".join(lines))
 
 
+def _resolved_text(out: Path) -> str:
+    """The resolved config run() wrote (rank 0), for TensorBoard's text tab."""
+    path = out / "resolved_config.yaml"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
 def _peak_memory_mib() -> float:
+    """Peak memory so far: CUDA memory allocated by tensors, else the process's peak RSS (MiB)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
