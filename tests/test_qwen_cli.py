@@ -101,3 +101,22 @@ def test_chat_honours_enable_thinking(qwen3_model):
                           input="Say hi.\n/exit\n", capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == f"you> assistant> {expected}\nyou> ", done.stdout  # input()'s prompt goes to stdout
+
+
+@pytest.mark.parametrize("how", ["yaml", "flag"])
+def test_run_mode_predict_honours_enable_thinking_from_the_yaml_or_the_flag(qwen3_model, tmp_path, how):
+    model, tok = load_pretrained(qwen3_model)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hi."}], True, enable_thinking=False))
+    expected = tok.decode(generate(model, [ids], GenerationConfig(max_new_tokens=6), tok.eos_ids, tok.pad_id)[0])
+    cfg = {"load_checkpoint": str(qwen3_model), "run_mode": "predict", "template": "chat", "max_new_tokens": 6,
+           "output_dir": str(tmp_path / "out")}
+    if how == "yaml":
+        cfg["enable_thinking"] = False
+    path = tmp_path / "predict.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    flag = ["--enable_thinking", "false"] if how == "flag" else []
+    assert main(["run", "--config", str(path), "--predict_data", "Say hi.", *flag]) == 0
+    (line,) = (tmp_path / "out" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["answer"] == expected
+    resolved = (tmp_path / "out" / "resolved_config.yaml").read_text(encoding="utf-8")
+    assert "enable_thinking: false" in resolved

@@ -66,7 +66,7 @@ def tiny_yaml(path: Path, model_dir: Path, tok_dir: Path, out: Path) -> Path:
     return path
 
 
-def test_qwen25_yaml_fine_tunes_a_mindspore_ckpt_and_its_adapter_loads_in_peft(tiny_qwen, tmp_path):
+def test_qwen25_yaml_fine_tunes_a_mindspore_ckpt_and_its_adapter_loads_in_peft(tiny_qwen, tmp_path, capsys):
     from peft import PeftModel
 
     tok_dir, model_dir, ckpt = tiny_qwen
@@ -77,6 +77,10 @@ def test_qwen25_yaml_fine_tunes_a_mindspore_ckpt_and_its_adapter_loads_in_peft(t
     assert main(["run", "--config", str(cfg), "--dry_run"]) == 0
     assert main(["run", "--config", str(cfg), "--load_checkpoint", str(ckpt), "--train_dataset_dir", str(data),
                  "--use_parallel", "False", "--run_mode", "finetune"]) == 0
+    err = capsys.readouterr().err
+    for key in ("rotary_emb_base", "rotary_pct", "emb_dropout_prob", "initializer_range"):  # Qwen's leftovers
+        assert f"model.model_config.{key}" in err
+    assert "MindFormers' LlamaConfig does not read them either" in err
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) >= 2 and losses[-1] < losses[0]

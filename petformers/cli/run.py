@@ -43,6 +43,9 @@ def register(subparsers):
     p.add_argument("--seed", type=int)
     p.add_argument("--tensorboard_dir", help="write TensorBoard event files here (tensorboard.tensorboard_dir)")
     p.add_argument("--predict_data", help="run_mode predict: a prompt or a file of prompts")
+    p.add_argument("--enable_thinking", type=_bool, default=None, metavar="{true,false}",
+                   help="chat templates with a thinking switch (Qwen3): false renders every prompt of the run as "
+                        "apply_chat_template(enable_thinking=False) does")
     p.add_argument("--dry_run", action="store_true",
                    help="resolve the config, build the model on the meta device and print sizes; loads no weights")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override any YAML key")
@@ -52,7 +55,8 @@ def register(subparsers):
 def run(args):
     cli = {k: getattr(args, k) for k in ("run_mode", "train_dataset_dir", "eval_dataset_dir", "load_checkpoint",
                                          "output_dir", "resume_training", "auto_trans_ckpt", "use_parallel",
-                                         "do_eval", "seed", "adapter", "predict_data", "tensorboard_dir")}
+                                         "do_eval", "seed", "adapter", "predict_data", "tensorboard_dir",
+                                         "enable_thinking")}
     cfg = load_run_config(args.config, args.overrides, cli)
     ignored = {key: ignored_reason(key) for key in cfg.ignored_keys} | not_acted_on(cfg)
     summary = run_job(cfg, dry=args.dry_run, resolved=resolved_yaml(cfg), ignored=ignored)

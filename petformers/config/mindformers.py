@@ -148,6 +148,10 @@ _IGNORED_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qkv_concat", "fine_grain_interleave", "use_rope_slice", "fused_rms_norm", "parallel_decoding_params",
             "embedding_init_type", "residual_dtype", "use_ring_attention", "use_attn_mask_compression",
             "use_eod_attn_mask_compression", "moe_config", "auto_map", "quantization_config"))),
+    ("carried over from Qwen's own config into MindFormers' Qwen2.5 YAMLs; MindFormers' LlamaConfig does not read "
+     "them either (theta is the rope base, the whole head is roped, no embedding dropout, weights come from the "
+     "checkpoint)", tuple(f"model.model_config.{k}" for k in (
+        "rotary_emb_base", "rotary_pct", "emb_dropout_prob", "initializer_range"))),
     ("the tokenizer file decides its special tokens and options", (
         "processor.return_tensors", "processor.max_length", "processor.image_processor", *(
             f"processor.tokenizer.{k}" for k in (

@@ -156,6 +156,10 @@ class DataSection:
     tokenizer: str = key("", "tokenizer to use when the checkpoint carries none: a tokenizer directory "
                              "(`tokenizer.json` / `tokenizer_config.json`), a SentencePiece `tokenizer.model`, or a "
                              "`.gguf` file")
+    enable_thinking: bool | None = key(None, "for chat templates with a thinking switch (Qwen3): `false` renders every "
+                                             "prompt of the run (data prepared on the fly, evaluation, run_mode "
+                                             "predict) as `apply_chat_template(enable_thinking=False)` does; unset: "
+                                             "the template's own default")
 
 
 @dataclass

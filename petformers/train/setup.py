@@ -66,11 +66,21 @@ def tokenizer_for(cfg):
     if not source:
         return None
     try:
-        return load_tokenizer(source)
+        return with_template_options(load_tokenizer(source), cfg.data)
     except Exception:
         if cfg.data.tokenizer:
             raise
         return None
+
+
+def with_template_options(tokenizer, data):
+    """The data section's chat template variables (enable_thinking) set on the tokenizer, so that every
+    prompt it renders in this run honours them; a template without such a switch is named in the log."""
+    if tokenizer is not None and data.enable_thinking is not None:
+        if tokenizer.set_chat_template_kwargs(enable_thinking=data.enable_thinking):
+            log.warning("petformers: enable_thinking %s changes nothing: the chat template of %s has no "
+                        "enable_thinking switch", str(data.enable_thinking).lower(), tokenizer.source)
+    return tokenizer
 
 
 def load_model_for_run(cfg, env: DistEnv):
@@ -85,6 +95,7 @@ def load_model_for_run(cfg, env: DistEnv):
         model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config)
         if cfg.data.tokenizer:
             tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = with_template_options(tokenizer, cfg.data)
         _report_arch_overrides(cfg, model.config, env)
     else:
         if cfg.run_mode not in ("train",):
