@@ -122,3 +122,18 @@ def test_saving_the_same_step_twice_always_leaves_a_complete_checkpoint(tmp_path
     assert seen[0] == {"reason": "periodic", "w": 1.0}
     assert _complete(root, 2) == {"reason": "stopped by SIGTERM", "w": 2.0}
     assert [p.name for p in root.iterdir()] == ["step_00000002"]  # no temp or old directory left
+
+
+@pytest.mark.parametrize("addresses", [[".."], ["/data/x/.."], 5, [], [None], ["a\x00b"]])
+def test_mindrecord_shard_addresses_stay_beside_the_file(tmp_path, addresses):
+    from petformers.data.mindrecord import dataset_files
+    from petformers.errors import DataError
+
+    header = json.dumps({"schema": {}, "header_size": 1 << 24, "page_size": 1 << 25,
+                         "shard_addresses": addresses}).encode()
+    path = tmp_path / "data" / "train.mindrecord"
+    path.parent.mkdir()
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(DataError) as e:
+        dataset_files(path)
+    assert str(path) in str(e.value) and "shard_addresses" in str(e.value) and "\n" not in str(e.value)

@@ -30,6 +30,7 @@ import torch.utils.data
 
 from petformers.data.packing import IGNORE_INDEX
 from petformers.errors import DataError
+from petformers.safepath import inside
 
 _NUMPY = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8"}
 _COLUMNS = ("ROW_ID, PAGE_ID_RAW, PAGE_OFFSET_RAW, PAGE_OFFSET_RAW_END, "
@@ -81,7 +82,16 @@ def dataset_files(path) -> list[Path]:
     if not path.exists():
         raise DataError(f"{path}: no such MindRecord file")
     header = read_header(path)
-    files = [path.parent / Path(str(a)).name for a in header["shard_addresses"]]
+    addresses = header["shard_addresses"]
+    if not isinstance(addresses, list) or not addresses:
+        raise DataError(f"{path}: MindRecord header: shard_addresses: expected a list of file names, got {addresses!r:.80}")
+    # Shards are looked up beside this file by their base name (MindSpore writes absolute paths of the
+    # machine that wrote them); a name that is not a plain file name there is refused.
+    files = [inside(path.parent, Path(a).name if isinstance(a, str) else a, path, "shard_addresses", DataError)
+             for a in addresses]
+    for f in files:
+        if f.name in ("", ".", ".."):
+            raise DataError(f"{path}: MindRecord header: shard_addresses: {f.name!r} is not a file name")
     for f in files:
         if not f.exists():
             raise DataError(f"{path}: its header lists shard {f.name}, which is missing from {path.parent}")
