@@ -440,11 +440,18 @@ def test_every_ignored_key_has_a_reason_and_no_honoured_key_is_ignored():
 def test_the_run_log_names_each_ignored_key_with_its_reason(capsys):
     from petformers.cli.main import main
 
-    assert main(["run", "--config", str(SEED_YAML), "--dry_run", "context.device_id=3", "some_future_option=1"]) == 0
+    assert main(["run", "--config", str(SEED_YAML), "--dry_run", "context.device_id=3", "some_future_option=1",
+                 "model.model_config.param_init_type=float16"]) == 0
     err = capsys.readouterr().err
     runtime = next(line for line in err.splitlines() if "with no PyTorch meaning" in line)
     assert re.search(r"\bcontext\b", runtime) and "parallel" in runtime
     assert re.search(r"\bsome_future_option: not a key petformers knows", err)
     # keys petformers accepts but does not act on are named too, with why
     assert re.search(r"model\.model_config\.param_init_type.*: adapters are always float32", err)
-    assert re.search(r"auto_trans_ckpt.*: petformers always reshards", err)
+    assert re.search(r"auto_trans_ckpt.*: petformers always reshards", err)  # the seed sets it False
+    # a value that is what petformers does anyway is not reported as ignored
+    assert main(["run", "--config", str(SEED_YAML), "--dry_run", "auto_trans_ckpt=True"]) == 0
+    err = capsys.readouterr().err
+    for key in ("model.model_config.param_init_type", "auto_trans_ckpt", "train_dataset.drop_remainder"):
+        assert key not in err, key
+    assert re.search(r"\bcontext\b", err)

@@ -30,6 +30,7 @@ class Key:
     default: object
     check: object
     ignored: str
+    does: object  # what petformers behaves as, for an ignored key (schema._ANY: not acted on whatever it is)
 
 
 def schema_keys() -> list[Key]:
@@ -48,7 +49,8 @@ def schema_keys() -> list[Key]:
 
 def _key(name: str, f: dataclasses.Field, kind) -> Key:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return Key(name, kind, default, f.metadata.get("check"), f.metadata.get("ignored", ""))
+    return Key(name, kind, default, f.metadata.get("check"), f.metadata.get("ignored", ""),
+               f.metadata.get("does", schema._ANY))
 
 
 def load_run_config(path: str | None, overrides: list[str] = (), cli: dict | None = None) -> RunConfig:
@@ -87,13 +89,14 @@ def field_value(cfg: RunConfig, name: str):
 
 
 def not_acted_on(cfg: RunConfig) -> dict[str, str]:
-    """Keys the source sets that petformers accepts without acting on them -> the reason (schema `ignored`)."""
+    """Keys the source sets that petformers accepts without acting on them -> the reason (schema `ignored`);
+    a value that is what petformers does anyway (schema `does`) is not listed."""
     table = mindformers.paths_for(cfg.raw)
     out = {}
     for key in schema_keys():
         if key.ignored:
             where = _chosen_path(cfg.raw, table[key.name])
-            if where is not None:
+            if where is not None and field_value(cfg, key.name) != key.does:
                 out[where] = key.ignored
     return out
 

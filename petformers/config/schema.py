@@ -23,10 +23,14 @@ from petformers.train.run import check_run_mode
 from petformers.train.schedule import check_schedule
 
 
-def key(default, doc: str, check=None, *, ignored: str = "", factory=None):
+_ANY = object()
+
+
+def key(default, doc: str, check=None, *, ignored: str = "", does=_ANY, factory=None):
     """A YAML key: its default, its one-line doc, an optional check, and (`ignored`) why petformers
-    accepts it without acting on it."""
-    meta = {"doc": doc, "check": check, "ignored": ignored}
+    accepts it without acting on it; `does`: the value petformers behaves as anyway (a config that sets
+    that value is not told it is ignored)."""
+    meta = {"doc": doc, "check": check, "ignored": ignored, "does": does}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -146,7 +150,7 @@ class DataSection:
     shuffle: bool = key(True, "shuffle the training samples each epoch (seeded)")
     drop_remainder: bool = key(True, "the last incomplete global batch of an epoch is dropped",
                                ignored="the trainer always drops it: every optimizer step sees a full global "
-                                       "batch, so False is not acted on")
+                                       "batch, so False is not acted on", does=True)
     template: str = key("fastchat", "how raw conversations become tokens: `fastchat` (Vicuna v1.1, MindFormers' "
                                     "choice), `alpaca` (Stanford Alpaca prompt), `chat` (the model's own chat "
                                     "template)", template)
@@ -172,7 +176,8 @@ class ModelSection:
                                         "where the hardware multiplies bf16 fast (CUDA with bf16, CPUs with "
                                         "AVX512-BF16 or AMX), else `float32` (petformers/hardware.py)", dtype_name)
     param_init_type: str = key("float32", "dtype MindFormers gives trained parameters", dtype_name,
-                               ignored="adapters are always float32 (small updates would vanish in 16 bits)")
+                               ignored="adapters are always float32 (small updates would vanish in 16 bits)",
+                               does="float32")
     recompute: bool = key(False, "activation checkpointing of every decoder layer (LoRA gradients still flow)")
     model_config: dict = key(None, "the architecture in MindFormers' `LlamaConfig` names, without `pet_config` "
                                    "(see below)", factory=dict)
@@ -242,7 +247,7 @@ class RunConfig:
     resume_training: bool = key(False, "continue from the newest complete checkpoint in `output_dir/checkpoint/` "
                                        "(optimizer, schedule, RNG and data position included)")
     auto_trans_ckpt: bool = key(False, "MindFormers' switch to reshard checkpoints between world sizes",
-                                ignored="petformers always reshards checkpoints between world sizes")
+                                ignored="petformers always reshards checkpoints between world sizes", does=True)
     predict_data: str = key("", "`run_mode predict`: a prompt, a file with one prompt per line, or a `.json` list of prompts; "
                                 "also `--predict_data`")
     runner: RunnerSection = section(RunnerSection, "runner")
