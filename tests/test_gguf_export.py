@@ -232,7 +232,10 @@ def test_tiny_every_outtype_loads_and_stays_close(tiny_export, tiny_model_dir, t
     with llamacpp.Model(out) as m:
         logits = m.logits(IDS)
     err = np.abs(logits - merged.numpy()).max() / np.abs(merged.numpy()).max()
-    bound = {"f16": 2e-3, "bf16": 3e-2, "q8_0": 3e-2}.get(outtype, 0.25)
+    # Measured (seeded adapter): f16 7e-4, bf16 6e-3, q8_0 0.019, 5-bit 0.10-0.12, 4-bit 0.19-0.21 (the
+    # K types fall back on these 64-wide rows: q4_k/q4_k_s -> Q5_0, q6_k -> Q8_0).
+    bits = {"f16": 16, "bf16": 16, "q8_0": 8, "q6_k": 8, "q5_0": 5, "q5_1": 5, "q4_k": 5, "q4_k_s": 5}.get(outtype, 4)
+    bound = {"f16": 2e-3, "bf16": 2e-2}.get(outtype) or {8: 5e-2, 5: 0.2, 4: 0.35}[bits]
     assert err < bound, err
 
 
