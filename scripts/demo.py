@@ -7,7 +7,7 @@ Every step is the public CLI a user would type:
   4. petformers run                         LoRA fine-tune with configs/smollm2/lora_smollm2_135m.yaml
   5. petformers run --run_mode eval --adapter   the tuned model on the same held-out split
   6. petformers report                      report.html with curves, metrics and generations
-  7. petformers export gguf --outtype q8_0   the tuned model for llama.cpp / Ollama (+ Modelfile)
+  (step 4 also writes the tuned model as a q8_0 GGUF for llama.cpp / Ollama: the config's save_gguf)
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def main(argv=None) -> int:
        f"{opts.data_dir}/train.json", "--eval_dataset_dir", f"{opts.data_dir}/eval.json", *common, *opts.overrides)
     after = evaluate(opts, common, "after", str(run_dir / "adapter"))
     sh("report", "--output_dir", str(run_dir))
-    gguf = run_dir / "gguf" / f"{run_dir.name}-q8_0.gguf"
-    sh("export", "gguf", "--load_checkpoint", opts.load_checkpoint or "smollm2-135m-instruct",
-       "--adapter", str(run_dir / "adapter"), "--output", str(gguf), "--outtype", "q8_0")
+    # The GGUF the run wrote (the config's save_gguf: q8_0, or the type an override gave).
+    artefacts = json.loads((run_dir / "run_summary.json").read_text(encoding="utf-8"))["artefacts"]
+    gguf = Path(artefacts.get("gguf", run_dir / "gguf" / f"{run_dir.name}-q8_0.gguf"))
 
     b, a = before["metrics"], after["metrics"]
     print("\n" + "=" * 78)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for name, path in (("PEFT adapter", run_dir / "adapter"), ("merged model", run_dir / "merged"),
                        ("loss curve", run_dir / "loss.png"), ("metrics", run_dir / "metrics.jsonl"),
                        ("report", run_dir / "report.html"), ("run summary", run_dir / "run_summary.json"),
-                       ("GGUF (q8_0)", gguf), ("Modelfile", gguf.parent / "Modelfile")):
+                       ("GGUF", gguf), ("Modelfile", gguf.parent / "Modelfile")):
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         print(f"  {name:<14}{shown}{'' if path.exists() else '  (missing!)'}")
     shown = gguf.relative_to(ROOT) if gguf.is_relative_to(ROOT) else gguf

@@ -417,3 +417,59 @@ def source_tokens(model_dir: Path) -> list[int]:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids
+
+
+# ---- run's save_gguf --------------------------------------------------------------------------------
+
+def _tiny_run_config(tmp_path: Path, model_dir: Path, alpaca_demo: Path, **top) -> Path:
+    import json
+
+    import yaml
+
+    records = [r for r in json.loads(alpaca_demo.read_text(encoding="utf-8"))
+               if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 200][:8]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    cfg = {"seed": 1, "load_checkpoint": str(model_dir), "run_mode": "finetune", "max_steps": 2,
+           "runner_config": {"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
+           "optimizer": {"type": "AdamW", "learning_rate": 5e-2},
+           "lr_schedule": {"type": "ConstantWarmUpLR", "learning_rate": 5e-2, "warmup_steps": 0},
+           "train_dataset": {"data_loader": {"dataset_dir": str(data), "shuffle": False}},
+           "model": {"model_config": {"seq_length": 128, "compute_dtype": "float32", "pet_config": {
+               "pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear"}}},
+           "template": "chat"} | top
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@needs_llamacpp
+def test_run_save_gguf_writes_the_trained_model(tiny_model_dir, alpaca_demo, tmp_path):
+    """`save_gguf: f32` in the YAML: the run ends with a GGUF (and Modelfile) that llama.cpp computes
+    exactly as the trained adapter merged into the base computes."""
+    import json
+
+    from petformers.checkpoint.peft import merge_adapter
+
+    config = _tiny_run_config(tmp_path, tiny_model_dir, alpaca_demo, save_gguf="f32")
+    out = tmp_path / "out"
+    r = cli("run", "--config", str(config), "--output_dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    gguf_file = out / "gguf" / "out-f32.gguf"
+    assert json.loads((out / "run_summary.json").read_text())["artefacts"]["gguf"] == str(gguf_file)
+    assert (out / "gguf" / "Modelfile").read_text().startswith("FROM ./out-f32.gguf\n")
+    model = load_pretrained(tiny_model_dir, with_tokenizer=False)[0]
+    with torch.no_grad():
+        base = model(torch.tensor([IDS]))[0]
+    merged, _ = merge_adapter(model, out / "adapter")
+    with torch.no_grad():
+        want = merged(torch.tensor([IDS]))[0]
+    assert (want - base).abs().max() > 1e-2  # two steps at lr 5e-2 moved the model
+    with llamacpp.Model(gguf_file) as m:
+        assert np.abs(m.logits(IDS) - want.numpy()).max() < 1e-4
+
+
+def test_run_save_gguf_bad_type_is_one_line(tiny_model_dir, alpaca_demo, tmp_path):
+    config = _tiny_run_config(tmp_path, tiny_model_dir, alpaca_demo, save_gguf="q3_k")
+    r = cli("run", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    assert r.returncode == 2 and "save_gguf" in r.stderr and "q3_k" in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -122,3 +123,19 @@ def export_gguf_lora(base, adapter, output, *, outtype: str = "f32", progress: b
     log.info("wrote %s (LoRA r=%d, alpha=%g, %d tensors): llama-cli -m BASE.gguf --lora %s",
              output, pet_config.lora_rank, pet_config.lora_alpha, result["tensors"], output)
     return result
+
+
+def export_run_gguf(model: torch.nn.Module, tokenizer, base, out_dir, outtype: str,
+                    merged: torch.nn.Module | None = None, fully_trained: bool = False) -> Path:
+    """`run`'s save_gguf: the trained model as out_dir/gguf/<run>-<outtype>.gguf with a Modelfile.
+    `model` still has its adapter injected (`merged`: an already merged copy to reuse); a model trained
+    in full (`fully_trained`) has every tensor changed, so none is copied from a GGUF base."""
+    out_dir = Path(out_dir)
+    touched = set(model.state_dict()) if fully_trained else touched_parameters(model)
+    if merged is None:
+        merged = model if fully_trained else merge_and_unload(copy.deepcopy(model))
+    reader = source_reader(base) if base else None
+    path = out_dir / "gguf" / f"{out_dir.name}-{outtype}.gguf"
+    export_merged(merged, tokenizer, path, outtype, reader=reader, touched=touched, progress=False)
+    log.info("wrote %s: chat with it: llama-cli -m %s -cnv", path, path)
+    return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from petformers.checkpoint.gguf_quants import check_outtype
 from petformers.data.templates import TEMPLATES
 from petformers.distributed.parallel import check_strategy
 from petformers.hardware import auto_compute_dtype
@@ -192,6 +193,10 @@ class CheckpointSection:
     keep_checkpoint_max: int = key(5, "keep only the newest this many checkpoints", at_least_1)
     save_merged: bool = key(False, "at the end, also write `output_dir/merged/`: the base model with the adapter "
                                    "folded in")
+    save_gguf: str | None = key(None, "at the end, also write the merged model as one GGUF for llama.cpp / Ollama, "
+                                      "`output_dir/gguf/<run>-<type>.gguf` with a `Modelfile`, in this type: `f32`, "
+                                      "`f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4_k` (= `q4_k_m`), "
+                                      "`q4_k_s` or `q6_k` (as `petformers export gguf --outtype`)", check_outtype)
 
 
 @dataclass

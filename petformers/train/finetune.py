@@ -28,6 +28,7 @@ from tqdm import tqdm
 from petformers import atomic
 from petformers.checkpoint import dcp
 from petformers.checkpoint import training as checkpointing
+from petformers.checkpoint.gguf_export import export_run_gguf
 from petformers.checkpoint.hf import save_model_dir
 from petformers.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from petformers.data.loader import collate, open_dataset
@@ -334,17 +335,23 @@ def resume(job: Job) -> int:
 
 
 def write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started: float):
-    """adapter/ (PEFT), merged/ (save_merged, or full training), run_summary.json, and the summary in the log."""
+    """adapter/ (PEFT), merged/ (save_merged, or full training), gguf/ (save_gguf), run_summary.json, and the
+    summary in the log."""
     artefacts = {"metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss.png"),
                  "checkpoints": str(out / "checkpoint")}
     if not summary.get("stopped"):
         if pet is not None:
             save_peft_adapter(model, pet, out / "adapter", getattr(model, "name_or_path", ""))
             artefacts["adapter"] = str(out / "adapter")
+        merged = None
         if cfg.checkpoint.save_merged or pet is None:
             merged = model if pet is None else merge_and_unload(copy.deepcopy(model))
             save_model_dir(merged.state_dict(), merged.config, out / "merged", tokenizer)
             artefacts["merged"] = str(out / "merged")
+        if cfg.checkpoint.save_gguf:
+            artefacts["gguf"] = str(export_run_gguf(model, tokenizer, cfg.load_checkpoint, out,
+                                                    cfg.checkpoint.save_gguf, merged=merged,
+                                                    fully_trained=pet is None))
     peak = _peak_memory_mib()
     summary = summary | {"wall_seconds": time.perf_counter() - started, "peak_rss_mib": peak,
                          "artefacts": artefacts, "run_mode": cfg.run_mode}
