@@ -190,7 +190,7 @@ def markdown(r: dict) -> str:
         f"**{gib(r['peak_rss_bytes'])}** |",
         f"| seconds per step | {', '.join(str(x) for x in r['seconds_per_step'])} |",
         f"| dequantization seconds per step | {', '.join(str(x) for x in r['dequant_seconds_per_step'])} |",
-        f"| tokens/s (steps after the first) | {r['tokens_per_second']} |",
+        f"| tokens/s (steps after the first; of the only step when there is one) | {r['tokens_per_second']} |",
         f"| dequantization share of step time | {100 * r['dequant_share']:.0f}% |",
         f"| losses | {', '.join(f'{x:.4f}' for x in r['losses'])} |",
     ])

@@ -20,6 +20,7 @@ from petformers.config.yamlio import MISSING, get, set_path
 from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig
 from petformers.pet.config import PetConfig
+from petformers.quant.model import quant_config_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,7 @@ def _read_model(raw: dict, values: dict) -> tuple[dict, dict | None]:
     for name in ("compute_dtype", "param_init_type"):
         if name in model_config:
             model_config[name] = values[f"model.{name}"]  # checked and normalised by the schema's check
+    quant_config_of(model_config)  # quantization_bit/_type/double_quantization checked together here
     return model_config, pet
 
 

@@ -15,6 +15,7 @@ import difflib
 from petformers.config import schema
 from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig
+from petformers.quant.model import KEYS as QUANTIZATION_KEYS
 
 CHECKPOINT_MONITOR = "CheckpointMonitor"
 
@@ -219,6 +220,7 @@ def _honoured() -> dict[str, set[str]]:
             out.setdefault(".".join(parts[:i]), set()).add(part)
     out["model.model_config"] |= {f.name for f in dataclasses.fields(LlamaConfig) if f.name != "extra"}
     out["model.model_config"] |= set(MODEL_ALIASES)
+    out["model.model_config"] |= set(QUANTIZATION_KEYS)  # read by petformers.quant.model.quant_config_of
     return out
 
 

@@ -164,7 +164,10 @@ def base_weight_bytes(model: nn.Module, config: QuantConfig | None, dtype: torch
     """Bytes of a model's frozen base (works on the meta device): quantized layers at their quantized
     size (for gguf: the file's own bytes per tensor, `gguf_bytes` by petformers name), the rest in dtype."""
     element = torch.empty((), dtype=dtype).element_size()
-    targets = {f"{n}.weight" for n in quantized_targets(model)} if config is not None else set()
+    # the linear layers QLoRA quantizes, plain or already wrapped by LoRA (which keeps `weight`)
+    targets = {f"{n}.weight" for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or isinstance(getattr(m, "lora_a", None), nn.Linear))
+               and n.split(".")[-1] not in KEEP_FLOAT} if config is not None else set()
     total, seen = 0, set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen or p.requires_grad:

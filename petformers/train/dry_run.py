@@ -12,18 +12,22 @@ from pathlib import Path
 
 import torch
 
+from petformers.checkpoint import download
 from petformers.data.loader import open_dataset
+from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig, parse_dtype
 from petformers.models.llama import build_model
 from petformers.pet.inject import apply_lora, count_parameters
+from petformers.quant.model import base_weight_bytes, gguf_tensor_bytes
 from petformers.train.plan import step_plan
-from petformers.train.setup import pet_config_of, resolve_model_config, tokenizer_for
+from petformers.train.setup import pet_config_of, quantization_of, resolve_model_config, tokenizer_for
 
 
-def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg) -> dict:
-    """Rough peak bytes per device: frozen weights + fp32 adapters with grads and Adam states + activations."""
+def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg, base_bytes: int | None = None) -> dict:
+    """Rough peak bytes per device: frozen weights (`base_bytes` when known, e.g. quantized) + fp32 adapters
+    with grads and Adam states + activations."""
     bytes_per = torch.empty((), dtype=parse_dtype(cfg.model.compute_dtype)).element_size()
-    weights = (total - trainable) * bytes_per
+    weights = (total - trainable) * bytes_per if base_bytes is None else base_bytes
     adapters = trainable * 4 * 4  # param, grad, exp_avg, exp_avg_sq in float32
     tokens = cfg.runner.batch_size * cfg.model.seq_length
     h = config.hidden_size
@@ -31,6 +35,10 @@ def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg) -> dic
     # layer input with recompute. Plus one 1024-row chunk of float32 logits and its gradient.
     per_layer = tokens * h * (2 * bytes_per if cfg.model.recompute else 17 * bytes_per)
     activations = per_layer * config.num_layers + 1024 * config.vocab_size * 4 * 2
+    if base_bytes is not None:  # a quantized base: float copies of the weight being dequantized (forward and
+        # backward can overlap), at most two of the largest linear weight, in the compute dtype
+        largest = max(config.intermediate_size or 0, config.hidden_size) * config.hidden_size
+        activations += 2 * largest * bytes_per
     return {"weights": weights, "adapters_and_optimizer": adapters, "activations": activations,
             "total": weights + adapters + activations}
 
@@ -51,7 +59,16 @@ def dry_run(cfg) -> dict:
     plan = step_plan(cfg.runner, rows or 0, world)
     steps_per_epoch = plan.steps_per_epoch if rows is not None else None
     total_steps = plan.schedule_steps(cfg.schedule.total_steps) if rows is not None else None
-    mem = estimate_memory(config, total, trainable, cfg)
+    quant = quantization_of(cfg)
+    base_bytes = None
+    if quant is not None:
+        gguf_bytes = gguf_tensor_bytes(download.resolve(cfg.load_checkpoint)) \
+            if quant.type == "gguf" and source == "gguf" else None
+        if quant.type == "gguf" and gguf_bytes is None:
+            raise ConfigError("model.model_config.quantization_type: gguf keeps a GGUF file's blocks; "
+                              "load_checkpoint must be a .gguf file")
+        base_bytes = base_weight_bytes(model, quant, dtype, gguf_bytes)
+    mem = estimate_memory(config, total, trainable, cfg, base_bytes)
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     unknown = "unknown (no train dataset)"
     lines = [
@@ -64,6 +81,7 @@ def dry_run(cfg) -> dict:
         f"gradient_accumulation_steps {cfg.runner.gradient_accumulation_steps})",
         f"steps per epoch: {steps_per_epoch if steps_per_epoch is not None else unknown}",
         f"total steps: {total_steps if total_steps is not None else unknown}",
+        f"quantization: {quant.describe() if quant is not None else 'none (float base)'}",
         f"peak memory per device ({cfg.model.compute_dtype}, seq_length {cfg.model.seq_length}, recompute "
         f"{cfg.model.recompute}): ~{gib(mem['total'])} (weights {gib(mem['weights'])}, adapters+grads+AdamW "
         f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])})",

@@ -24,6 +24,7 @@ from petformers.models.llama import build_model
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import apply_lora, load_lora_state_dict
 from petformers.pet.merge import merge_and_unload
+from petformers.quant.model import KEYS as QUANTIZATION_KEYS, QuantConfig, quant_config_of
 
 log = logging.getLogger("petformers")
 
@@ -42,8 +43,18 @@ def seed_everything(seed: int):
 
 def model_config_from_yaml(cfg) -> LlamaConfig:
     """The architecture the YAML's model.model_config describes."""
-    mc = {k: v for k, v in cfg.model.model_config.items() if k != "pet_config"}
+    mc = {k: v for k, v in cfg.model.model_config.items() if k != "pet_config" and k not in QUANTIZATION_KEYS}
     return LlamaConfig.from_mindformers(mc)
+
+
+def quantization_of(cfg) -> QuantConfig | None:
+    """The run's quantized base (model_config's quantization keys; None: a float base). A quantized base
+    is frozen, so it needs an adapter."""
+    quant = quant_config_of(cfg.model.model_config)
+    if quant is not None and not cfg.model.pet_config:
+        raise ConfigError("model.model_config.quantization_bit: a quantized base is frozen; it needs "
+                          "model.model_config.pet_config (an adapter to train)")
+    return quant
 
 
 def resolve_model_config(cfg) -> tuple[LlamaConfig, str]:
@@ -92,7 +103,8 @@ def load_model_for_run(cfg, env: DistEnv):
     device = torch.device("cpu") if sharding else env.device
     if cfg.load_checkpoint:
         yaml_config = model_config_from_yaml(cfg) if cfg.model.model_config else None
-        model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config)
+        model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config,
+                                           quantization=quantization_of(cfg))
         if cfg.data.tokenizer:
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         tokenizer = with_template_options(tokenizer, cfg.data)
@@ -101,6 +113,9 @@ def load_model_for_run(cfg, env: DistEnv):
         if cfg.run_mode not in ("train",):
             raise ConfigError("load_checkpoint: required for run_mode "
                               f"{cfg.run_mode!r} (only run_mode train starts from random weights)")
+        if quantization_of(cfg) is not None:
+            raise ConfigError("model.model_config.quantization_bit: a quantized base comes from load_checkpoint; "
+                              "run_mode train from random weights trains every weight in float")
         config = model_config_from_yaml(cfg)
         model = build_model(config, device=device, dtype=torch.float32)
         model.init_weights(generator=torch.Generator(device=device).manual_seed(cfg.seed))
