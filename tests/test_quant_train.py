@@ -11,7 +11,7 @@ import signal
 import torch
 
 from petformers.cli.main import main
-from petformers.train import checkpointing
+from petformers.checkpoint import training as checkpointing
 
 from test_train import REPO, _run_cli, _wait_for_checkpoint, adapter_tensors, alpaca_small, metrics, write_config  # noqa: F401
 

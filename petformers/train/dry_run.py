@@ -18,7 +18,8 @@ from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig, parse_dtype
 from petformers.models.llama import build_model
 from petformers.pet.inject import apply_lora, count_parameters
-from petformers.quant.model import base_weight_bytes, gguf_tensor_bytes
+from petformers.checkpoint.gguf_file import gguf_tensor_bytes
+from petformers.quant.model import base_weight_bytes
 from petformers.train.plan import step_plan
 from petformers.train.setup import pet_config_of, quantization_of, resolve_model_config, tokenizer_for
 
