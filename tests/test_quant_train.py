@@ -83,3 +83,31 @@ def test_dry_run_counts_quantized_weights_on_the_seed_config(capsys):
     assert _weights_gib(out) == round((linear + rest) / 2**30, 2)  # 3.51 GiB
     assert _weights_gib(float_out) > 3.4 * _weights_gib(out)  # 2 bytes (float16) against ~0.52 per weight
     assert "quantization: none (float base)" in float_out
+
+
+def test_fsdp2_over_a_quantized_base_matches_one_process(tmp_path, tiny_model_dir, alpaca_demo):
+    """FSDP2 on 2 CPU ranks (gloo) over an NF4 base: the quantized blocks are buffers, replicated on every
+    rank (docs/quantization.md); the adapter ends equal to the single-process run's."""
+    from test_distributed import adapter, assert_same_adapter, config as _config, single, torchrun  # noqa: F401
+    import yaml
+
+    records = json.loads(alpaca_demo.read_text(encoding="utf-8"))
+    short = [r for r in records if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 300][:16]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(short, ensure_ascii=False), encoding="utf-8")
+    cfg = {
+        "seed": 3, "load_checkpoint": str(tiny_model_dir), "run_mode": "finetune", "max_steps": 2,
+        "runner_config": {"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
+        "optimizer": {"type": "AdamW", "learning_rate": 5e-3},
+        "train_dataset": {"data_loader": {"dataset_dir": str(data), "shuffle": True}},
+        "model": {"model_config": {"seq_length": 128, "compute_dtype": "float32", "quantization_bit": 4,
+                                   "pet_config": {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8,
+                                                  "lora_dropout": 0.0, "target_modules": ".*wq|.*wv",
+                                                  "modules_to_save": ["lm_head"]}}},
+        "template": "chat",
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    single(path, tmp_path / "one")
+    torchrun(path, tmp_path / "two", "parallel_strategy=fsdp")
+    assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
