@@ -115,7 +115,7 @@ def test_malformed_metrics_lines_become_notes_and_the_rest_is_read(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": \n[1, 2]\n'
                                        '\xff\n{"step": 3, "loss": NaN}\n{"step": 4, "loss": 2.5}\n{"step": 5, "lo',
                                        encoding="latin-1")
-    chunk = runs.read_metrics(run)
+    chunk = runs.read_metrics_since(run)
     assert [r["step"] for r in chunk.records] == [1, 3, 4]
     assert chunk.records[1]["loss"] is None  # NaN is not JSON a browser can parse
     assert len(chunk.errors) == 3
@@ -125,10 +125,10 @@ def test_malformed_metrics_lines_become_notes_and_the_rest_is_read(tmp_path):
     # the cut-off last line is left for the next read while the run writes; reported once it has ended
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write('ss": 2.0}\n')
-    more = runs.read_metrics(run, chunk.offset, chunk.line)
+    more = runs.read_metrics_since(run, chunk.offset, chunk.line)
     assert [r["step"] for r in more.records] == [5] and more.line == 7 and not more.errors
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2', encoding="utf-8")
-    final = runs.read_metrics(run, final=True)
+    final = runs.read_metrics_since(run, final=True)
     assert [r["step"] for r in final.records] == [1]
     assert final.errors == ["metrics.jsonl:2: cut off (the run ended while writing it)"]
 
@@ -143,7 +143,7 @@ def test_reading_in_pieces_gives_the_same_records_as_reading_at_once(tmp_path):
     for cut in range(0, len(text), 37):  # appends that end mid-line
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(text[cut:cut + 37])
-        chunk = runs.read_metrics(run, offset, line)
+        chunk = runs.read_metrics_since(run, offset, line)
         got += chunk.records
         offset, line = chunk.offset, chunk.line
     assert got == [json.loads(x) for x in lines]

@@ -150,7 +150,7 @@ def create_app(output_root: str | Path, allowed_hosts: list[str] | None = None) 
                         offset, line = 0, 0
                     final = state[0] != "running"
                     if size != offset or reset or (final and states.get(name, (None,))[0] == "running"):
-                        chunk = await asyncio.to_thread(rundirs.read_metrics, run, offset, line, final)
+                        chunk = await asyncio.to_thread(rundirs.read_metrics_since, run, offset, line, final)
                         offsets[name] = (chunk.offset, chunk.line)
                         if chunk.records or chunk.errors or reset:
                             yield _sse("metrics", {"run": name, "records": chunk.records, "errors": chunk.errors,

