@@ -60,7 +60,8 @@ class _Counted:
 
 def packed_dataset(tokenizer, path: str, max_seq_len: int, count_file: str, packed: bool = True):
     """The pre-tokenized samples packed by torchtune's own PackedDataset (split_across_pack False, as its
-    chat datasets do for SFT)."""
+    chat datasets do for SFT). `packed` is not read here: the recipe reads it from this config section to
+    choose its packed collate function, and torchtune passes every key of the section to this builder."""
     from torchtune.datasets import PackedDataset
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
