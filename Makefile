@@ -36,13 +36,17 @@ test: $(STAMP) browser llamacpp-runtime
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not faults"
 
 # The long fault-injection runs (docs/reliability.md): the tests marked `faults`, then the kill -9
-# campaign over more seeds (SEEDS=5 KILLS=20 by default); figures in output/faults.json.
+# campaign over more seeds (SEEDS=5 KILLS=20 by default) and the 2-rank DDP/FSDP2 campaign (RANK_SEEDS=1
+# RANK_KILLS=4 per strategy); figures in output/faults.json.
 SEEDS ?= 5
 KILLS ?= 20
+RANK_SEEDS ?= 1
+RANK_KILLS ?= 4
 faults: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m faults
 	@mkdir -p output
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/fault_campaign.py --seeds $(SEEDS) --kills $(KILLS) \
+		--rank_seeds $(RANK_SEEDS) --rank_kills $(RANK_KILLS) \
 		--json output/faults.json
 
 demo: $(STAMP)
