@@ -11,7 +11,6 @@ import torch
 
 from petformers.checkpoint import download, gguf_file, gguf_quants, gguf_write
 from petformers.checkpoint.load import detect_format, load_config, load_pretrained
-from petformers.checkpoint.materialize import materialize
 from petformers.checkpoint.ollama import write_modelfile
 from petformers.checkpoint.peft import load_peft_adapter
 from petformers.errors import CheckpointError
@@ -19,7 +18,6 @@ from petformers.models.llama import build_model
 from petformers.pet import merge_and_unload
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
-from petformers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +41,6 @@ def source_reader(path_or_name):
     if detect_format(path) != "gguf":
         return None
     return gguf_file.open_reader(path)
-
-
-def load_base(path_or_name, reader=None):
-    """(model float32, tokenizer) of any checkpoint; a GGUF base is read through `reader`, not reopened."""
-    if reader is None:
-        return load_pretrained(path_or_name, dtype=torch.float32)
-    source = str(reader.data.filename) if hasattr(reader.data, "filename") else str(path_or_name)
-    metadata = gguf_file.read_metadata(reader)
-    config = gguf_file.read_config(reader, metadata, source)
-    config.compute_dtype = "float32"
-    model = build_model(config, device="meta", dtype=torch.float32)
-    materialize(model, gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, source),
-                dtype=torch.float32, device="cpu", source=source)
-    model.name_or_path = str(path_or_name)
-    return model.eval(), Tokenizer.from_gguf_metadata(metadata, source=source)
 
 
 def export_merged(model: torch.nn.Module, tokenizer, output, outtype: str, *, reader=None,
@@ -95,7 +78,7 @@ def export_gguf(base, adapter, output, outtype: str, *, modelfile: bool = True, 
     if outtype not in gguf_quants.OUTTYPES:
         raise CheckpointError(f"--outtype {outtype!r} is not supported; use one of {', '.join(gguf_quants.OUTTYPES)}")
     reader = source_reader(base)
-    model, tokenizer = load_base(base, reader)
+    model, tokenizer = load_pretrained(base, dtype=torch.float32, reader=reader)
     touched: set[str] = set()
     if adapter:
         pet_config = load_peft_adapter(model, adapter)

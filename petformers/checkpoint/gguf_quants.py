@@ -2,9 +2,11 @@
 
 The `gguf` package (llama.cpp's own Python library) quantizes BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1:
 those go through `gguf.quants.quantize` unchanged. It cannot quantize the K-quants (it only
-dequantizes them), so Q4_K and Q6_K are written here, vectorised over blocks with numpy, following
-llama.cpp's reference quantizers (`quantize_row_q4_K_ref`, `quantize_row_q6_K_ref` in ggml-quants.c)
-step for step, float32 sums in C's order; the tests compare them with llama.cpp's own quantizer.
+dequantizes them), so Q4_K, Q5_K and Q6_K are written here, vectorised over blocks with numpy,
+following llama.cpp's reference quantizers (`quantize_row_q4_K_ref`, `quantize_row_q5_K_ref`,
+`quantize_row_q6_K_ref` and their `make_qkx2_quants` / `make_qx_quants` in ggml-quants.c) step for
+step: every product and sum in float32 in C's order (C's int levels become float32 in each product),
+so the bytes are llama.cpp's own; tests compare them with llama.cpp's quantizer bit for bit.
 """
 
 from __future__ import annotations
@@ -95,9 +97,9 @@ def quantize(array: np.ndarray, qtype: str) -> np.ndarray:
     import gguf  # heavy (its writer and quant tables): only GGUF exports pay for it
 
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if qtype in ("Q4_K", "Q6_K"):
+    if qtype in _K_QUANTIZERS:
         with np.errstate(all="ignore"):  # flat and all-zero blocks divide by zero; they are masked out
-            return _blocks_apply(array, _quantize_q4_k if qtype == "Q4_K" else _quantize_q6_k)
+            return _blocks_apply(array, _K_QUANTIZERS[qtype])
     return gguf.quants.quantize(array, ggml_type(qtype))
 
 
@@ -136,7 +138,7 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
         iscale = np.where(flat, 0, np.float32(nmax) / (max_ - min_)).astype(np.float32)
         scale = np.where(flat, 0, 1 / iscale).astype(np.float32)
     L = np.clip(_nearest_int(iscale[:, None] * (x - min_[:, None])), 0, nmax)
-    diff = scale[:, None] * L + min_[:, None] - x
+    diff = scale[:, None] * L.astype(np.float32) + min_[:, None] - x  # float32 levels, as C converts them
     best_mad = _seqsum(weights * (diff * diff))
     for step in range(nstep + 1):
         iscale_t = ((np.float32(rmin) + np.float32(rdelta) * step + nmax) / (max_ - min_)).astype(np.float32)
@@ -165,15 +167,17 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
     return scale, -min_.astype(np.float32), L.astype(np.uint8)
 
 
-def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """Rows of 256 floats -> block_q4_K bytes (144 each): d, dmin (f16), 12 bytes of 6-bit scales/mins,
-    128 bytes of 4-bit quants."""
+def _k_scales_and_levels(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """What Q4_K and Q5_K share (quantize_row_q4_K_ref / quantize_row_q5_K_ref): per sub-block of 32 a
+    scale and min from make_qkx2_quants (weights av_x + |x|), both coded on 6 bits against the block's
+    f16 d / dmin, then every sub-block requantized with the coded scales.
+    Returns (d, dmin as f16 [n], the 12 packed scale bytes [n, 12], levels [n, 8, 32] in [0, nmax])."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
     # av_x = sqrt(sum x^2 / 32); weights = av_x + |x|
     av_x = np.sqrt(_seqsum(sub * sub) / np.float32(32)).astype(np.float32)
     weights = (av_x[:, None] + np.abs(sub)).astype(np.float32)
-    scales, mins, L0 = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
+    scales, mins, L0 = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     # C starts both maxima at +0: an all-zero block gets +0, not the -0 of `-min`.
     max_scale = np.where(scales.max(axis=1) > 0, scales.max(axis=1), np.float32(0))
@@ -198,11 +202,36 @@ def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         q = _nearest_int((xs + dm[..., None]) / dl[..., None])
     # A sub-block whose rounded scale is 0 keeps the levels of the search (llama.cpp's `continue`).
-    q = np.where(dl[..., None] != 0, np.clip(q, 0, 15), L0.reshape(n, 8, 32)).astype(np.uint8)
+    q = np.where(dl[..., None] != 0, np.clip(q, 0, nmax), L0.reshape(n, 8, 32)).astype(np.uint8)
+    return d, dmin, packed, q
+
+
+def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Rows of 256 floats -> block_q4_K bytes (144 each): d, dmin (f16), 12 bytes of 6-bit scales/mins,
+    128 bytes of 4-bit quants."""
+    n = x.shape[0]
+    d, dmin, packed, q = _k_scales_and_levels(x, 15, -1.0, 20)
     # 4-bit pairs: sub-blocks (2j, 2j+1) share 32 bytes, low nibble from the first.
     q = q.reshape(n, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
     return np.concatenate([d.reshape(n, 1).view(np.uint8), dmin.reshape(n, 1).view(np.uint8), packed, qs], axis=1)
+
+
+def _quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """Rows of 256 floats -> block_q5_K bytes (176 each): d, dmin (f16), 12 bytes of 6-bit scales/mins,
+    32 bytes of fifth bits, 128 bytes of low nibbles."""
+    n = x.shape[0]
+    d, dmin, packed, q = _k_scales_and_levels(x, 31, -0.5, 15)
+    # Sub-blocks (2j, 2j+1) share 32 nibble bytes (low nibble from the first); their fifth bits are
+    # bits 2j and 2j+1 of qh[l] for the l-th value of each.
+    q = q.reshape(n, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(n, 128)
+    high = (q >> 4).astype(np.uint8).reshape(n, 8, 32)
+    qh = np.zeros((n, 32), np.uint8)
+    for j in range(8):
+        qh |= high[:, j] << j
+    return np.concatenate([d.reshape(n, 1).view(np.uint8), dmin.reshape(n, 1).view(np.uint8), packed, qh, qs],
+                          axis=1)
 
 
 def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +245,11 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
         iscale = (np.float32(-nmax) / max_).astype(np.float32)
     w = (x * x).astype(np.float32)
     Lq = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-    sumlx = _seqsum(w * x * Lq)
-    suml2 = _seqsum(w * Lq * Lq)
+    # The levels are C ints converted to float in each product: float32 here too (an int32 array
+    # would promote the products to float64 and round them once instead of twice).
+    Lf = Lq.astype(np.float32)
+    sumlx = _seqsum(w * x * Lf)
+    suml2 = _seqsum(w * Lf * Lf)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 > 0, sumlx / suml2, 0).astype(np.float32)
     best = (scale * sumlx).astype(np.float32)
@@ -227,8 +259,9 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
             continue
         iscale_t = (np.float32(-(nmax + np.float32(0.1) * is_)) / max_).astype(np.float32)
         Lt = np.clip(_nearest_int(iscale_t[:, None] * x), -nmax, nmax - 1)
-        sumlx_t = _seqsum(w * x * Lt)
-        suml2_t = _seqsum(w * Lt * Lt)
+        Lf = Lt.astype(np.float32)
+        sumlx_t = _seqsum(w * x * Lf)
+        suml2_t = _seqsum(w * Lf * Lf)
         better = (suml2_t > 0) & (sumlx_t * sumlx_t > best * suml2_t)
         with np.errstate(divide="ignore", invalid="ignore"):
             new_scale = (sumlx_t / suml2_t).astype(np.float32)
@@ -269,3 +302,6 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     ql = np.where(zero_rows, 0, ql).astype(np.uint8)
     qh = np.where(zero_rows, 0, qh).astype(np.uint8)
     return np.concatenate([ql, qh, sc.view(np.uint8), d.reshape(n, 1).view(np.uint8)], axis=1)
+
+
+_K_QUANTIZERS = {"Q4_K": _quantize_q4_k, "Q5_K": _quantize_q5_k, "Q6_K": _quantize_q6_k}

@@ -105,21 +105,51 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+def is_70b(config, family: Family) -> bool:
+    """llama.cpp's LLM_TYPE_70B (its K-quant mixes give a 70B's attn_v more bits): 80 layers, with
+    grouped-query attention for its llama architecture; any 80-layer qwen2."""
+    if config.num_layers != 80:
+        return False
+    return family.arch == "qwen2" or (family.arch == "llama" and config.n_kv_heads != config.num_heads)
+
+
 def choose_type(gguf_name: str, shape: tuple[int, ...], outtype: gguf_quants.OutType, n_layers: int,
-                is_output: bool) -> str:
-    """The GGML type of one tensor, by llama-quantize's rules: 1-D tensors stay F32; the output matrix
-    of low-bit types gets Q6_K; the Q4_K_M mix gives attn_v and ffn_down Q6_K in the layers of
-    `_use_more_bits`; rows that do not split into blocks fall back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+                is_output: bool, model_70b: bool = False) -> str:
+    """The GGML type of one tensor as llama-quantize picks it for the file type (llama-quant.cpp,
+    llama_tensor_get_type, without an importance matrix), for the types petformers writes:
+    - 1-D tensors (norms, biases) stay F32; float outtypes keep their type for every matrix;
+    - the output matrix (the token embeddings when tied to it) gets Q6_K unless the file is Q8_0,
+      and Q8_0 when its rows do not split into blocks of the file's type;
+    - q4_k_m (= q4_k): Q6_K for attn_v and ffn_down in the layers of `_use_more_bits`;
+      q4_k_s: Q5_K for attn_v in layers 0-3 and ffn_down in the first eighth; a 70B's other attn_v Q5_K;
+    - rows that do not split into blocks fall back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16
+      (llama.cpp refuses a legacy type whose 32-blocks do not fit; petformers writes F16 there)."""
     if len(shape) == 1:
         return "F32"
     qtype = outtype.qtype
-    low_bit = outtype.name not in ("f32", "f16", "bf16", "q8_0")
-    if low_bit and is_output:
-        qtype = "Q6_K"
-    elif outtype.file_type == "MOSTLY_Q4_K_M":  # q4_k and q4_k_m: more bits for attn_v / ffn_down
-        parts = gguf_name.split(".")
-        if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _use_more_bits(int(parts[1]), n_layers):
+    if qtype in ("F32", "F16", "BF16"):
+        return qtype
+    parts = gguf_name.split(".")
+    layer = int(parts[1]) if parts[0] == "blk" else -1
+    kind = parts[2] if parts[0] == "blk" else parts[0]
+    mix = outtype.file_type
+    if is_output:
+        if not gguf_quants.fits(qtype, shape[-1]):
+            qtype = "Q8_0"
+        elif qtype != "Q8_0":
             qtype = "Q6_K"
+    elif kind == "attn_v":
+        if mix == "MOSTLY_Q4_K_M" and _use_more_bits(layer, n_layers):
+            qtype = "Q6_K"
+        elif mix == "MOSTLY_Q4_K_S" and layer < 4:
+            qtype = "Q5_K"
+        if model_70b and qtype == "Q4_K":
+            qtype = "Q5_K"
+    elif kind == "ffn_down":
+        if mix == "MOSTLY_Q4_K_M" and _use_more_bits(layer, n_layers):
+            qtype = "Q6_K"
+        elif mix == "MOSTLY_Q4_K_S" and layer < n_layers // 8:
+            qtype = "Q5_K"
     return gguf_quants.usable_type(qtype, shape[-1])
 
 
@@ -389,6 +419,7 @@ def plan_merged(src: MergedSource, outtype: gguf_quants.OutType) -> tuple[list[P
         factors = llama3_rope_factors(config)
         planned.append(PlannedTensor("rope_freqs.weight", factors.shape, "F32", lambda f=factors: f))
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    model_70b = is_70b(config, family)
     for name, tensor in state.items():
         if tied and name == "lm_head.weight":
             continue
@@ -401,7 +432,7 @@ def plan_merged(src: MergedSource, outtype: gguf_quants.OutType) -> tuple[list[P
         if keep_types and src_t is not None:
             qtype = src_t.tensor_type.name
         else:
-            qtype = choose_type(gname, shape, outtype, config.num_layers, is_output)
+            qtype = choose_type(gname, shape, outtype, config.num_layers, is_output, model_70b)
         if src_t is not None and name not in src.touched and src_t.tensor_type.name == qtype:
             stats["copied"] += 1
             planned.append(PlannedTensor(gname, shape, qtype, lambda t=src_t: np.asarray(t.data)))

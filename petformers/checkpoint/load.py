@@ -75,13 +75,17 @@ def load_tokenizer(path_or_name) -> Tokenizer:
 
 def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cpu",
                     config: LlamaConfig | None = None, with_tokenizer: bool = True,
-                    quantization: QuantConfig | None = None) -> tuple[Llama, Tokenizer | None]:
+                    quantization: QuantConfig | None = None, reader=None) -> tuple[Llama, Tokenizer | None]:
     """Model (frozen, eval mode) and its tokenizer. `config` is required only for MindSpore .ckpt.
     `quantization`: the linear layers are quantized as they load (petformers.quant.model says which);
-    its type `gguf` keeps a GGUF file's blocks and needs a GGUF file."""
+    its type `gguf` keeps a GGUF file's blocks and needs a GGUF file. `reader`: this GGUF file already
+    open (gguf_file.open_reader), read instead of reopened: parsing a large vocabulary takes seconds,
+    and a GGUF export reads the same file again for its tokenizer and its blocks."""
     path = download.resolve(path_or_name)
     fmt = detect_format(path)
     tokenizer = None
+    if reader is not None and fmt != "gguf":
+        raise CheckpointError(f"{path}: a GGUF reader was given for a {fmt} checkpoint")
     if quantization is not None and quantization.type == "gguf" and fmt != "gguf":
         raise CheckpointError(f"{path}: quantization_type gguf keeps a GGUF file's blocks, and this is a {fmt} "
                               "checkpoint; use quantization_type nf4 (or fp4, int8) to quantize it at load")
@@ -98,7 +102,7 @@ def load_pretrained(path_or_name, dtype: torch.dtype = torch.float32, device="cp
         if with_tokenizer:
             tokenizer = Tokenizer.from_sentencepiece(path / "tokenizer.model")
     elif fmt == "gguf":
-        reader = gguf_file.open_reader(path)
+        reader = reader if reader is not None else gguf_file.open_reader(path)
         metadata = gguf_file.read_metadata(reader)
         config = gguf_file.read_config(reader, metadata, str(path))
         tensors = gguf_file.iter_tensors(reader, config.num_heads, config.n_kv_heads, str(path),
