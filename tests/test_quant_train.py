@@ -111,3 +111,24 @@ def test_fsdp2_over_a_quantized_base_matches_one_process(tmp_path, tiny_model_di
     single(path, tmp_path / "one")
     torchrun(path, tmp_path / "two", "parallel_strategy=fsdp")
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
+
+
+def test_board_chat_holds_a_quantized_runs_base_quantized(tmp_path, tiny_model_dir, alpaca_small):
+    """The board's chat panel loads a run trained over NF4 over that NF4 base (adapter unmerged), not
+    over the float base the adapter was not trained against."""
+    from petformers.board.chat import ChatModels
+    from petformers.pet.lora import LoRALinear
+    from petformers.quant.weight import QuantizedWeight
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, alpaca_small, out,
+                       **{**NF4, "runner_config.batch_size": 2, "model.model_config.seq_length": 128, "max_steps": 1})
+    assert main(["run", "--config", str(cfg)]) == 0
+    chat = ChatModels()
+    items = list(chat.stream(out, [{"role": "user", "content": "Hello"}], max_new_tokens=3))
+    kinds = [k for k, _ in items]
+    assert "error" not in kinds, items
+    assert kinds[0] == "info" and "nf4" in items[0][1] and kinds[-1] == "done"
+    model, _ = chat._loaded
+    assert any(isinstance(m, QuantizedWeight) for m in model.modules()), "the base was loaded in float"
+    assert any(isinstance(m, LoRALinear) and isinstance(m.weight, QuantizedWeight) for m in model.modules())

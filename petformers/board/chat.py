@@ -2,8 +2,10 @@
 
 It goes through what `petformers chat` uses (`inference.load_for_inference`: base + PEFT adapter merged
 on the same default device and dtype; `generate` with `StreamPrinter`; `inference.encode_prompt` in the
-chat template), so an answer here is the answer there. One model is kept loaded (the last run chatted
-with); one generation runs at a time.
+chat template), so an answer here is the answer there. A run trained over a quantized base is chatted
+with over that same quantized base (its resolved config's quantization keys), with its adapter unmerged,
+as `petformers chat --quantization_bit ...` does: the adapter was trained against those weights, not the
+float ones. One model is kept loaded (the last run chatted with); one generation runs at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from petformers.board.runs import OutsideRoot, read_run_config
 from petformers.generate import GenerationConfig, StreamPrinter, generate
 from petformers.inference import encode_prompt, load_for_inference
+from petformers.quant.model import quant_config_of
 
 MAX_NEW_TOKENS = 512
 
@@ -43,13 +46,15 @@ class ChatModels:
         base = config.get("load_checkpoint")
         if not base:
             raise OutsideRoot(note or f"{run.name}: resolved_config.yaml names no load_checkpoint to chat with")
+        model = config.get("model")
+        quantization = quant_config_of(model.get("model_config") if isinstance(model, dict) else None)
         adapter = adapter_of(run)
-        key = (str(run), str(adapter))
+        key = (str(run), str(adapter), quantization)
         if self._key != key:
             self._loaded = None  # free the previous model first
-            self._loaded = load_for_inference(str(base), str(adapter) if adapter else None)
+            self._loaded = load_for_inference(str(base), str(adapter) if adapter else None, quantization=quantization)
             self._key = key
-        return self._loaded, base, adapter
+        return self._loaded, base, adapter, quantization
 
     def stream(self, run: Path, messages: list[dict], max_new_tokens: int = 128, system: str | None = None):
         """Yield ("info", text) once, then ("token", text) pieces, then ("done", full answer); ("error", line)
@@ -60,8 +65,9 @@ class ChatModels:
         def work():
             try:
                 with self._lock:
-                    (model, tokenizer), base, adapter = self._load(run)
-                    pieces.put(("info", f"base {base}, adapter {adapter or 'none (base model only)'}"))
+                    (model, tokenizer), base, adapter, quantization = self._load(run)
+                    held = f", held {quantization.describe()}" if quantization is not None else ""
+                    pieces.put(("info", f"base {base}{held}, adapter {adapter or 'none (base model only)'}"))
                     convo = ([{"role": "system", "content": system}] if system else []) + messages
                     ids = encode_prompt(convo, "chat", tokenizer)
                     printer = StreamPrinter(tokenizer, lambda text: pieces.put(("token", text)))
