@@ -86,6 +86,7 @@ def lib():
         "llama_memory_clear": (None, [p, ctypes.c_bool]),
         "llama_model_chat_template": (c, [p, c]),
         "llama_model_meta_val_str": (i32, [p, c, c, ctypes.c_size_t]),
+        "llama_model_desc": (i32, [p, c, ctypes.c_size_t]),
         "llama_adapter_lora_init": (p, [p, c]),
         "llama_set_adapters_lora": (i32, [p, ctypes.POINTER(p), ctypes.c_size_t, ctypes.POINTER(f)]),
     }
@@ -154,6 +155,12 @@ class Model:
         buf = ctypes.create_string_buffer(1 << 16)
         n = lib().llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8") if n >= 0 else None
+
+    def desc(self) -> str:
+        """llama.cpp's one-line description: architecture, size class, and its name of the file type."""
+        buf = ctypes.create_string_buffer(256)
+        lib().llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode("utf-8")
 
     def chat_template(self) -> str | None:
         t = lib().llama_model_chat_template(self.model, None)

@@ -279,6 +279,12 @@ def test_tiny_tokenizer_and_template_read_back_by_llamacpp(tiny_export, tiny_mod
         assert m.meta("general.file_type") == "0"
 
 
+# llama.cpp's names of the file types (llama_model_ftype_name)
+FILE_TYPE_NAMES = {"f32": "all F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+                   "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K - Medium", "q4_k_m": "Q4_K - Medium",
+                   "q4_k_s": "Q4_K - Small", "q6_k": "Q6_K"}
+
+
 @needs_llamacpp
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q4_k_s",
                                      "q6_k"])
@@ -298,6 +304,8 @@ def test_tiny_every_outtype_loads_and_stays_close(tiny_export, tiny_model_dir, t
     assert types["blk.0.attn_q.weight"] == want, (types, result)
     with llamacpp.Model(out) as m:
         logits = m.logits(IDS)
+        # general.file_type is llama-quantize's for this mix, as llama.cpp names it
+        assert m.desc().endswith(" " + FILE_TYPE_NAMES[outtype]), m.desc()
     err = np.abs(logits - merged.numpy()).max() / np.abs(merged.numpy()).max()
     # Measured (seeded adapter): f16 7e-4, bf16 6e-3, q8_0 0.019, 5-bit 0.10-0.12, 4-bit 0.19-0.21 (the
     # K types fall back on these 64-wide rows: q4_k/q4_k_s -> Q5_0, q6_k -> Q8_0).
@@ -312,9 +320,10 @@ def test_tiny_gguf_lora_in_llamacpp_equals_merged(tiny_model_dir, tmp_path):
     alphas (folded into B) and rsLoRA scaling."""
     adapter, merged = make_adapter(tiny_model_dir, tmp_path / "adapter", lora_rank=4, lora_alpha=8,
                                    rank_pattern={"wv": 2}, alpha_pattern={"wo": 3.0}, use_rslora=True)
-    base = tmp_path / "base.gguf"
-    assert cli("export", "gguf", "--load_checkpoint", str(tiny_model_dir), "--output", str(base),
-               "--outtype", "f32").returncode == 0
+    from petformers.checkpoint.gguf_export import export_gguf
+
+    base = tmp_path / "base.gguf"  # in process: tiny_export runs `export gguf` through the CLI already
+    export_gguf(tiny_model_dir, None, base, "f32", modelfile=False, progress=False)
     lora = tmp_path / "lora.gguf"
     r = cli("export", "gguf-lora", "--load_checkpoint", str(tiny_model_dir), "--adapter", str(adapter),
             "--output", str(lora))
