@@ -49,6 +49,7 @@ class Tokenizer:
         self.add_bos = add_bos  # prepend bos when encoding with add_special_tokens=True
         self.chat_template = chat_template
         self.source = source
+        self.chat_template_source = f"{source}: chat_template"  # where the template came from, for its errors
         self._extra_eos = [i for i in extra_eos_ids if i is not None]
         self.chat_template_kwargs: dict = {}  # extra template variables, e.g. {"enable_thinking": False}
 
@@ -123,7 +124,7 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat template; "
                                  "use --template fastchat/alpaca or a model with a chat template")
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    **(self.chat_template_kwargs | kwargs),
+                                    **(self.chat_template_kwargs | kwargs), source=self.chat_template_source,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def set_chat_template_kwargs(self, **kwargs) -> list[str]:
@@ -149,8 +150,10 @@ class Tokenizer:
         special = _read_json(path / "special_tokens_map.json") or {}
         gen = _read_json(path / "generation_config.json") or {}
         template = cfg.get("chat_template")
+        template_source = f"{path / 'tokenizer_config.json'}: chat_template"
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            template_source = str(path / "chat_template.jinja")
         if isinstance(template, list):  # transformers' named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
 
@@ -161,6 +164,7 @@ class Tokenizer:
         extra_eos = gen.get("eos_token_id")
         extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
         if (path / "tokenizer.json").exists():
+            _check_utf8(path / "tokenizer.json")
             try:
                 backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:
@@ -170,20 +174,25 @@ class Tokenizer:
                 probe = backend.encode("a", add_special_tokens=True).ids
                 bos_id = backend.token_to_id(tok("bos_token")) if tok("bos_token") else None
                 add_bos = bool(probe) and bos_id is not None and probe[0] == bos_id
-            return cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=tok("eos_token"),
-                       pad_token=tok("pad_token"), add_bos=bool(add_bos), chat_template=template,
-                       extra_eos_ids=extra_eos, source=str(path))
+            t = cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=tok("eos_token"),
+                    pad_token=tok("pad_token"), add_bos=bool(add_bos), chat_template=template,
+                    extra_eos_ids=extra_eos, source=str(path))
+            t.chat_template_source = template_source
+            return t
         if (path / "tokenizer.model").exists():
             t = cls.from_sentencepiece(path / "tokenizer.model")
             t.chat_template, t._extra_eos = template, [i for i in extra_eos if i is not None]
+            t.chat_template_source = template_source
             return t
         if (path / "vocab.json").exists() and (path / "merges.txt").exists():
             backend = _bpe_from_vocab_merges(path, cfg, [tok(k) for k in _SPECIAL_KEYS])
             eos = tok("eos_token") or ("<|endoftext|>" if _is_qwen2(cfg) else None)
             pad = tok("pad_token") or ("<|endoftext|>" if _is_qwen2(cfg) else None)
-            return cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=eos, pad_token=pad,
-                       add_bos=bool(cfg.get("add_bos_token", False)), chat_template=template,
-                       extra_eos_ids=extra_eos, source=str(path))
+            t = cls(backend, kind="tokenizers", bos_token=tok("bos_token"), eos_token=eos, pad_token=pad,
+                    add_bos=bool(cfg.get("add_bos_token", False)), chat_template=template,
+                    extra_eos_ids=extra_eos, source=str(path))
+            t.chat_template_source = template_source
+            return t
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model (nor vocab.json + merges.txt) found")
 
     @classmethod
@@ -225,12 +234,14 @@ class Tokenizer:
 
         # llama.cpp adds bos to a SentencePiece vocabulary whose file does not say otherwise.
         add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
-        return cls(backend, kind="tokenizers", bos_token=name("tokenizer.ggml.bos_token_id"),
+        t = cls(backend, kind="tokenizers", bos_token=name("tokenizer.ggml.bos_token_id"),
                    eos_token=name("tokenizer.ggml.eos_token_id"),
                    pad_token=name("tokenizer.ggml.padding_token_id"),
                    add_bos=bool(add_bos),
                    chat_template=meta.get("tokenizer.chat_template"),
                    extra_eos_ids=[meta.get("tokenizer.ggml.eot_token_id")], source=source)
+        t.chat_template_source = f"{source}: tokenizer.chat_template"
+        return t
 
     def save_pretrained(self, out_dir: str | Path):
         """Write tokenizer.json/tokenizer.model and tokenizer_config.json that transformers loads."""
@@ -383,26 +394,52 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
 TEMPLATE_SECONDS = 5.0  # a chat template that renders longer than this is stopped (PETFORMERS_TEMPLATE_TIMEOUT)
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **tokens) -> str:
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                         source: str = "chat template", **tokens) -> str:
     """The template rendered in jinja2's immutable sandbox (no access to Python internals, no mutation
     of the messages), stopped with one line when it runs longer than PETFORMERS_TEMPLATE_TIMEOUT
     seconds (a template from a downloaded tokenizer may loop for ever: sandboxed `range` is capped at
-    100,000, but nested loops are not)."""
+    100,000, but nested loops are not). Errors name `source` (the file and key it came from) and the
+    template line."""
     try:
         with _time_limit():
             return _compile_chat_template(template).render(messages=messages,
                                                            add_generation_prompt=add_generation_prompt, **tokens)
     except _TemplateTimeout:
-        raise TokenizerError(f"chat template stopped: still rendering after {_template_seconds():g} s "
+        raise TokenizerError(f"{source}: chat template stopped: still rendering after {_template_seconds():g} s "
                              "(PETFORMERS_TEMPLATE_TIMEOUT); does it loop?") from None
     except SecurityError as e:
-        raise TokenizerError(f"chat template refused: it reaches outside the sandbox ({e})") from None
+        raise TokenizerError(f"{source}, {_template_line(e)}: chat template refused: it reaches outside the "
+                             f"sandbox ({e})") from None
     except TemplateError as e:
-        raise TokenizerError(f"chat template failed: {e}") from None
+        raise TokenizerError(f"{source}, {_template_line(e)}: chat template failed: {e}") from None
     except RecursionError:
-        raise TokenizerError("chat template failed: recursion too deep") from None
+        raise TokenizerError(f"{source}: chat template failed: recursion too deep") from None
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
-        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+        raise TokenizerError(f"{source}, {_template_line(e)}: chat template failed: {type(e).__name__}: {e}") from None
+
+
+def _template_line(error: BaseException) -> str:
+    """'line N' of the template where `error` arose: a syntax error carries it, a rendering error has it in
+    the traceback frame jinja2 maps back to the template source."""
+    line = getattr(error, "lineno", None)
+    tb = error.__traceback__
+    while line is None and tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"line {line}" if line else "line ?"
+
+
+def _check_utf8(file: Path):
+    """A tokenizer file that is not UTF-8 named with its line and byte (the tokenizers library only says
+    'stream did not contain valid UTF-8')."""
+    raw = file.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise TokenizerError(f"{file}:{line}: not UTF-8 text (byte {e.start})") from None
 
 
 class _TemplateTimeout(Exception):
@@ -473,10 +510,7 @@ def _compile_chat_template(template: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise TokenizerError(f"chat template failed: {e}") from None
+    return env.from_string(template)  # a syntax error is a TemplateError, named with its line by the caller
 
 
 def _read_json(path: Path) -> dict | None:

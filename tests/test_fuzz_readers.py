@@ -1,6 +1,7 @@
 """Hostile and broken inputs, generated (hypothesis, 200 cases per reader, derandomized so a failure
 reproduces): every reader either reads the file or raises a PetformersError -- which the CLI prints as
-one line with exit code 2 -- whose message is one line naming the file. Any other exception (a raw
+one line with exit code 2 -- whose message is one line naming the file and where in it: a line, record,
+row, byte, key or tensor (or, for a file that is wrong as a whole, saying so). Any other exception (a raw
 KeyError, a UnicodeDecodeError, a struct.error...) fails the test: it would be a traceback for a user.
 With --skip_invalid no good record is lost. Chat templates cannot reach Python internals or run for ever.
 """
@@ -8,6 +9,7 @@ With --skip_invalid no good record is lost. Chat templates cannot reach Python i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -25,8 +27,18 @@ CASES = settings(max_examples=200, deadline=None, derandomize=True, database=Non
 FIXTURES = MINDSPORE_FIXTURES
 
 
-def read_or_refuse(fn, names):
-    """fn() succeeds, or raises a PetformersError of one line that names one of `names`."""
+# Where in a file: "file:LINE:", a line, record, row, byte or column number, the header, a named tensor or key.
+LOCATION = re.compile(r":\d+[:,] |\b(line|record|row|byte|column) \d+|\bheader\b|\btensor '|\bkey '|\btop level\b")
+WHOLE_FILE = ("the file is empty", "the JSON array is empty", "empty file")  # nothing finer to point at
+
+
+def located(message: str, keys=()) -> bool:
+    return bool(LOCATION.search(message)) or any(k in message for k in keys) or any(w in message for w in WHOLE_FILE)
+
+
+def read_or_refuse(fn, names, keys=()):
+    """fn() succeeds, or raises a PetformersError of one line that names one of `names` and where in it
+    (LOCATION, one of `keys`, or a whole-file condition)."""
     try:
         fn()
     except PetformersError as e:
@@ -34,6 +46,7 @@ def read_or_refuse(fn, names):
         message = str(e)
         assert "\n" not in message, message
         assert any(str(n) in message for n in names), (message, names)
+        assert located(message, keys), f"no line/record/key in: {message}"
     else:
         event("read")
 
@@ -75,7 +88,7 @@ def test_fuzz_conversation_files(tmp_path_factory, items, jsonl, bom, garbage, s
     from petformers.data.formats import load_samples
 
     path = _write_data(tmp_path_factory.mktemp("d"), items, jsonl, bom, garbage, ".jsonl" if jsonl else ".json")
-    read_or_refuse(lambda: load_samples(path, skip_invalid=skip), [path])
+    read_or_refuse(lambda: load_samples(path, skip_invalid=skip), [path], [f"'{k}'" for k in KEYS])
 
 
 @CASES
@@ -91,7 +104,7 @@ def test_fuzz_text_files(tmp_path_factory, items, jsonl, bom, garbage, txt):
         path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + body + (garbage or b""))
     else:
         path = _write_data(tmp, items, jsonl, bom, garbage, ".jsonl" if jsonl else ".json")
-    read_or_refuse(lambda: load_texts(path, skip_invalid=True), [path])
+    read_or_refuse(lambda: load_texts(path, skip_invalid=True), [path], [f"'{k}'" for k in KEYS])
 
 
 good_alpaca = st.builds(lambda i, o, x: {"instruction": i, "input": x, "output": o},
@@ -122,7 +135,7 @@ def test_fuzz_skip_invalid_keeps_every_good_record(tmp_path_factory, rows, jsonl
     for sample, record in zip(samples, good):
         assert record["output"] in [m["content"] for m in sample.messages]
     for message in skipped:
-        assert "\n" not in message and str(path) in message
+        assert "\n" not in message and str(path) in message and located(message), message
 
 
 # ---- YAML run configs ----------------------------------------------------------------------------------------
@@ -165,6 +178,7 @@ def test_fuzz_yaml_configs(tmp_path_factory, doc, mangle, capsys):
     assert code in (0, 2), code
     if code == 2:
         assert err[-1].startswith("petformers: error: ") and "Traceback" not in "\n".join(err), err[-3:]
+        assert str(path) in err[-1] and located(err[-1], CONFIG_KEYS), err[-1]
 
 
 # ---- weights: safetensors (+ index), GGUF headers, MindSpore .ckpt, MindRecord ----------------------------------
@@ -196,7 +210,7 @@ def test_fuzz_safetensors(tmp_path_factory, tiny_model_dir, model_bytes, data):
     tmp = tmp_path_factory.mktemp("st")
     shutil.copy(tiny_model_dir / "config.json", tmp / "config.json")
     (tmp / "model.safetensors").write_bytes(mutate(model_bytes, data.draw(mutations(len(model_bytes), 512))))
-    read_or_refuse(lambda: list(hf.iter_tensors(tmp)), [tmp])
+    read_or_refuse(lambda: list(hf.iter_tensors(tmp)), [tmp / "model.safetensors"])
 
 
 index_names = st.one_of(st.just("model.safetensors"), st.just("../model.safetensors"), st.just("/etc/passwd"),
@@ -223,6 +237,7 @@ def test_fuzz_safetensors_index_stays_inside_its_directory(tmp_path_factory, tin
         files = hf.weight_files(model)
     except PetformersError as e:
         assert "\n" not in str(e) and str(index) in str(e), str(e)
+        assert located(str(e), ["weight_map"]), str(e)
         return
     root = model.resolve()
     assert all(f.resolve().is_relative_to(root) for f in files), files
@@ -292,7 +307,9 @@ def test_fuzz_mindrecord(tmp_path_factory, data, which):
     target = tmp / ("alpaca_tiny.mindrecord" + (".db" if which == "db" else ""))
     original = target.read_bytes()
     target.write_bytes(mutate(original, data.draw(mutations(len(original), 4096))))
-    read_or_refuse(lambda: read_mindrecord(tmp / "alpaca_tiny.mindrecord"), [tmp])
+    # A damaged SQLite page index has no finer place to point at than the .db file itself.
+    read_or_refuse(lambda: read_mindrecord(tmp / "alpaca_tiny.mindrecord"), [target],
+                   ["MindRecord index"] if which == "db" else [])
 
 
 # ---- adapter_config.json, tokenizer.json, chat templates -----------------------------------------------------
@@ -310,7 +327,7 @@ def test_fuzz_adapter_config(tmp_path_factory, doc, raw):
 
     tmp = tmp_path_factory.mktemp("ad")
     (tmp / "adapter_config.json").write_bytes(raw if raw is not None else json.dumps(doc).encode())
-    read_or_refuse(lambda: read_adapter_config(tmp), [tmp])
+    read_or_refuse(lambda: read_adapter_config(tmp), [tmp / "adapter_config.json"], ADAPTER_KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +351,7 @@ def test_fuzz_tokenizer_json(tmp_path_factory, tiny_tokenizer_dir, tokenizer_jso
         doc[section] = data.draw(yaml_values)
         (tmp / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
     shutil.copy(tiny_tokenizer_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
-    read_or_refuse(lambda: Tokenizer.from_dir(tmp).encode("hello world"), [tmp])
+    read_or_refuse(lambda: Tokenizer.from_dir(tmp).encode("hello world"), [tmp / "tokenizer.json"])
 
 
 HOSTILE_TEMPLATES = [
@@ -368,15 +385,27 @@ def test_hostile_chat_templates_are_stopped(template, monkeypatch):
     assert messages == [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture(scope="module")
+def template_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    tmp = tmp_path_factory.mktemp("tpl")
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
+    return tmp
+
+
 @CASES
 @given(template=st.lists(st.sampled_from(list("{}%#-+*/()[]'\". _|~abcdefmnorstxz0123456789")
                                         + ["{{", "}}", "{%", "%}", " for ", " in ", " if ", " endfor ", " endif ",
                                            "messages", "range(", "__class__", "loop.", "raise_exception(",
-                                           "|tojson", "set ", "*", "**", "99999"]), max_size=40).map("".join))
-def test_fuzz_chat_templates(template):
-    from petformers.tokenizer import render_chat_template
+                                           "|tojson", "set ", "*", "**", "99999"]), min_size=1,
+                         max_size=40).map("".join))
+def test_fuzz_chat_templates(template_dir, template):
+    from petformers.tokenizer import Tokenizer
 
+    config = template_dir / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": template}), encoding="utf-8")
     try:
-        render_chat_template(template, [{"role": "user", "content": "hi"}], True)
+        Tokenizer.from_dir(template_dir).apply_chat_template([{"role": "user", "content": "hi"}], True)
     except PetformersError as e:
-        assert "\n" not in str(e)
+        event("refused in one line")
+        assert "\n" not in str(e) and f"{config}: chat_template" in str(e), str(e)
+        assert re.search(r"\bline \d+", str(e)) or "stopped" in str(e) or "recursion" in str(e), str(e)

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from petformers.checkpoint.gguf_header import locate_problem
 from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig
 from petformers.models.llama import rope_inv_freq
@@ -39,7 +40,8 @@ def open_reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # truncated or foreign files raise ValueError / struct errors
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        where = locate_problem(Path(path).read_bytes()) if Path(path).is_file() else "the path"
+        raise CheckpointError(f"{path}: not a readable GGUF file ({where}; {type(e).__name__}: {e})") from None
 
 
 def read_metadata(reader) -> dict:

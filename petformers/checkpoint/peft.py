@@ -127,7 +127,7 @@ def read_adapter_config(adapter_dir) -> PetConfig:
         raise AdapterError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
     d = read_json(cfg_file, AdapterError)
     if not isinstance(d, dict):
-        raise AdapterError(f"{cfg_file}: expected a JSON object")
+        raise AdapterError(f"{cfg_file}: expected a JSON object at the top level, got {type(d).__name__}")
     return PetConfig.from_peft_config_dict(d, source=str(cfg_file))
 
 

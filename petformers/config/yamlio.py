@@ -22,16 +22,24 @@ def read_yaml(source: str) -> tuple[dict, dict[str, int]]:
     if not p.is_file():
         raise ConfigError(f"{source}: config file not found")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
         raise ConfigError(f"{source}: cannot read the config ({e})") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 text (byte {e.start})") from None
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise ConfigError(f"{where}: invalid YAML ({_yaml_problem(e)})") from None
-    tree = _plain(tree)
+    try:
+        tree = _plain(tree)
+    except ConfigError as e:  # a recursive alias: point at the first anchor
+        anchors = [i for i, line in enumerate(text.split("\n"), 1) if "&" in line]
+        raise ConfigError(f"{source}:{anchors[0] if anchors else 1}: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(tree).__name__}")
     return tree, _line_index(text)

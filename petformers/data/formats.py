@@ -364,7 +364,8 @@ def load_texts(path, skip_invalid: bool = False) -> tuple[list[str], list[str], 
                 raise DataError(message + " (--skip_invalid skips bad records)") from None
             skipped.append(message)
     if not docs:
-        raise DataError(f"{path}: no valid record ({len(skipped)} skipped)")
+        raise DataError(f"{path}: no valid record ({len(skipped)} skipped"
+                        + (f"; the first: {skipped[0]})" if skipped else ")"))
     return docs, skipped, sha
 
 

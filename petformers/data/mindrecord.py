@@ -56,9 +56,20 @@ def read_header(path: Path) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DataError(f"{path}: not a MindRecord file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: MindRecord header: expected a JSON object, got {type(header).__name__}")
     for key in ("schema", "header_size", "page_size", "shard_addresses"):
         if key not in header:
             raise DataError(f"{path}: MindRecord header has no {key!r}")
+    for key in ("header_size", "page_size"):
+        if not isinstance(header[key], int) or isinstance(header[key], bool) or header[key] < 0:
+            raise DataError(f"{path}: MindRecord header key {key!r}: expected a byte count, got {header[key]!r:.80}")
+    schemas = header["schema"]
+    if not isinstance(schemas, list) or not all(isinstance(s, dict) for s in schemas) or any(
+            not isinstance(s.get("schema"), dict) or not all(isinstance(v, dict) for v in s["schema"].values())
+            or not isinstance(s.get("blob_fields") or [], list) for s in schemas):
+        raise DataError(f"{path}: MindRecord header key 'schema': expected a list of {{'schema': {{field: "
+                        f"{{'type': ...}}}}, 'blob_fields': [...]}}, got {schemas!r:.80}")
     return header
 
 
@@ -213,7 +224,7 @@ def _read_index(path: Path) -> np.ndarray:
     except sqlite3.Error as e:
         raise DataError(f"{db}: not a readable MindRecord index ({e}); is it truncated?") from None
     if names and names[0][0] != path.name:
-        raise DataError(f"{db}: index of {names[0][0]!r}, not of {path.name!r}")
+        raise DataError(f"{db}: table SHARD_NAME, row 1: index of {names[0][0]!r}, not of {path.name!r}")
     return np.array(rows, dtype=np.int64).reshape(-1, 7)
 
 

@@ -257,7 +257,7 @@ class LlamaConfig:
         does not write as metadata (biases, q/k norms) are read from which tensors the file has."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
-            raise ConfigError(f"GGUF architecture {arch!r} is not supported; petformers supports "
+            raise ConfigError(f"GGUF key 'general.architecture' {arch!r} is not supported; petformers supports "
                               f"{', '.join(GGUF_ARCHITECTURES)}")
         p = f"{arch}."
         try:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from petformers.checkpoint import download
 from petformers.data.loader import open_dataset
 from petformers.errors import ConfigError
 from petformers.models.config import LlamaConfig, parse_dtype
@@ -21,7 +20,7 @@ from petformers.pet.inject import apply_lora, count_parameters
 from petformers.checkpoint.gguf_file import gguf_tensor_bytes
 from petformers.quant.model import base_weight_bytes
 from petformers.train.plan import step_plan
-from petformers.train.setup import pet_config_of, quantization_of, resolve_model_config, tokenizer_for
+from petformers.train.setup import base_path, pet_config_of, quantization_of, resolve_model_config, tokenizer_for
 
 
 def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg, base_bytes: int | None = None) -> dict:
@@ -63,7 +62,7 @@ def dry_run(cfg) -> dict:
     quant = quantization_of(cfg)
     base_bytes = None
     if quant is not None:
-        gguf_bytes = gguf_tensor_bytes(download.resolve(cfg.load_checkpoint)) \
+        gguf_bytes = gguf_tensor_bytes(base_path(cfg)) \
             if quant.type == "gguf" and source == "gguf" else None
         if quant.type == "gguf" and gguf_bytes is None:
             raise ConfigError("model.model_config.quantization_type: gguf keeps a GGUF file's blocks; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from petformers.checkpoint.load import detect_format, load_config, load_pretrain
 from petformers.checkpoint.mindspore_lora import mindpet_lora_tensors
 from petformers.data.loader import dataset_kind
 from petformers.distributed.env import DistEnv
-from petformers.errors import ConfigError
+from petformers.errors import CheckpointError, ConfigError
 from petformers.models.config import LlamaConfig, parse_dtype
 from petformers.models.llama import build_model
 from petformers.pet.config import PetConfig
@@ -57,9 +58,20 @@ def quantization_of(cfg) -> QuantConfig | None:
     return quant
 
 
+def base_path(cfg) -> Path:
+    """The run's load_checkpoint as a path (a known model name downloaded); a missing one is named with
+    the config file and key it came from."""
+    try:
+        return download.resolve(cfg.load_checkpoint)
+    except CheckpointError as e:
+        if not getattr(cfg, "source", ""):
+            raise
+        raise CheckpointError(f"{cfg.source}: load_checkpoint: {e}") from None
+
+
 def resolve_model_config(cfg) -> tuple[LlamaConfig, str]:
     """The architecture: the checkpoint's own config when it has one, else the YAML's model_config."""
-    if cfg.load_checkpoint and detect_format(download.resolve(cfg.load_checkpoint)) != "mindspore":
+    if cfg.load_checkpoint and detect_format(base_path(cfg)) != "mindspore":
         return load_config(cfg.load_checkpoint)
     return model_config_from_yaml(cfg), "yaml"  # a MindSpore .ckpt carries no config: the YAML describes it
 
@@ -162,7 +174,7 @@ def checkpoint_lora(cfg, config: LlamaConfig) -> dict:
     under petformers adapter names; {} for other formats and checkpoints without LoRA."""
     if not cfg.load_checkpoint:
         return {}
-    path = download.resolve(cfg.load_checkpoint)
+    path = base_path(cfg)
     if detect_format(path) != "mindspore":
         return {}
     lora = mindpet_lora_tensors(path, config)
