@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import torch
 
@@ -34,6 +35,7 @@ from petformers.quant.linear import QuantLinear
 from petformers.quant.model import (QuantConfig, base_weight_bytes, quantized_bytes, quantized_targets,
                                     random_quantized_weight, replace_module)
 from petformers.quant.weight import QuantizedWeight
+from petformers.train.dry_run import estimate_memory
 from petformers.train.loss import chunked_cross_entropy_sum
 
 
@@ -151,21 +153,27 @@ def run(args) -> dict:
     steady = step_s[1:] or step_s  # the first step also pays for allocator warm-up
     steady_dq = dequant_s[1:] or dequant_s
     quantized = quantized_bytes(model)
+    base = base_weight_bytes(model, quant, torch.float32)
+    parameters = sum(p.numel() for p in model.parameters()) + sum(
+        m.numel() for m in model.modules() if isinstance(m, QuantizedWeight))
+    run_cfg = SimpleNamespace(model=SimpleNamespace(compute_dtype="float32", seq_length=args.seq_length,
+                                                    recompute=not args.no_recompute),
+                              runner=SimpleNamespace(batch_size=1))
+    estimate = estimate_memory(config, parameters, sum(p.numel() for p in params), run_cfg, base)
     return {
         "started_utc": started.strftime("%Y-%m-%d %H:%M:%S"), "command": "python " + " ".join(sys.argv),
         "shape": {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
                   "heads": config.num_heads, "vocab": config.vocab_size},
         "quantization": quant.describe(), "recompute": not args.no_recompute, "seq_length": args.seq_length,
-        "parameters": sum(p.numel() for p in model.parameters()) + sum(
-            m.numel() for m in model.modules() if isinstance(m, QuantizedWeight)),
+        "parameters": parameters,
         "trainable": sum(p.numel() for p in params), "quantized_bytes": quantized,
-        "base_bytes": base_weight_bytes(model, quant, torch.float32),
+        "base_bytes": base, "dry_run_estimate_bytes": estimate["total"],
         "build_seconds": round(build_s, 1), "peak_rss_after_build_bytes": rss_after_build,
         "peak_rss_bytes": peak_rss_bytes(), "losses": losses, "adapter_changed": changed,
         "seconds_per_step": [round(s, 2) for s in step_s], "dequant_seconds_per_step": [round(s, 2) for s in dequant_s],
         "tokens_per_second": round(args.seq_length / (sum(steady) / len(steady)), 3),
         "dequant_share": round(sum(steady_dq) / sum(steady), 3),
-        "threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
+        "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_end": os.getloadavg(),
         "cpu": platform.processor() or platform.machine(),
     }
 
@@ -188,6 +196,8 @@ def markdown(r: dict) -> str:
         f"| peak RSS after creating the model | {gib(r['peak_rss_after_build_bytes'])} |",
         f"| **peak RSS over {len(r['losses'])} LoRA steps of {r['seq_length']} tokens** (recompute {r['recompute']}) | "
         f"**{gib(r['peak_rss_bytes'])}** |",
+        f"| the dry run's estimate for this run (petformers/train/dry_run.py) | {gib(r['dry_run_estimate_bytes'])} "
+        f"({100 * (r['dry_run_estimate_bytes'] / r['peak_rss_bytes'] - 1):+.1f}% of the measured peak) |",
         f"| seconds per step | {', '.join(str(x) for x in r['seconds_per_step'])} |",
         f"| dequantization seconds per step | {', '.join(str(x) for x in r['dequant_seconds_per_step'])} |",
         f"| tokens/s (steps after the first; of the only step when there is one) | {r['tokens_per_second']} |",

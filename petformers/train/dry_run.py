@@ -23,24 +23,44 @@ from petformers.train.plan import step_plan
 from petformers.train.setup import base_path, pet_config_of, quantization_of, resolve_model_config, tokenizer_for
 
 
-def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg, base_bytes: int | None = None) -> dict:
+# Host memory of the process itself on a CPU run: Python, torch's libraries, petformers imported
+# (ru_maxrss of `import torch, petformers.train.finetune`: 0.22 GiB; 0.29 GiB once a small model is built),
+# plus the autograd engine's and the first backward's own allocations: 0.35 GiB fits the measured peaks
+# of scripts/qlora_memory.py from 4 layers of hidden 1024 to the 32 layers of the 7B shape within 5%.
+RUNTIME_BYTES = 350 * 2**20
+# With recompute on a CPU, each layer keeps its input, and glibc's heap keeps the freed transients of
+# the layer's forward that the kept inputs pin (freed, reused, not returned to the OS: malloc_trim after
+# a forward gives back ~85%): measured ~9 values of the compute dtype per token x hidden per layer
+# (Llama-2-7B shape, 8 and 32 layers, 256 tokens: 36 MiB per layer), not the 2 the live tensors take.
+RECOMPUTE_VALUES_PER_LAYER_CPU = 9
+
+
+def estimate_memory(config: LlamaConfig, total: int, trainable: int, cfg, base_bytes: int | None = None,
+                    on_cpu: bool | None = None) -> dict:
     """Rough peak bytes per device: frozen weights (`base_bytes` when known, e.g. quantized) + fp32 adapters
-    with grads and Adam states + activations."""
+    with grads and Adam states + activations (+ on a CPU, where the device's memory is the process's RSS,
+    the process's own runtime)."""
+    on_cpu = not torch.cuda.is_available() if on_cpu is None else on_cpu
     bytes_per = torch.empty((), dtype=parse_dtype(cfg.model.compute_dtype)).element_size()
     weights = (total - trainable) * bytes_per if base_bytes is None else base_bytes
     adapters = trainable * 4 * 4  # param, grad, exp_avg, exp_avg_sq in float32
     tokens = cfg.runner.batch_size * cfg.model.seq_length
     h = config.hidden_size
-    # Per layer: ~34 bytes*h per token at 16-bit without recompute (SDPA keeps no s^2 scores); only the
-    # layer input with recompute. Plus one 1024-row chunk of float32 logits and its gradient.
-    per_layer = tokens * h * (2 * bytes_per if cfg.model.recompute else 17 * bytes_per)
-    activations = per_layer * config.num_layers + 1024 * config.vocab_size * 4 * 2
+    # Per layer: ~34 bytes*h per token at 16-bit without recompute (SDPA keeps no s^2 scores); with
+    # recompute, the layer input (what the live tensors take; more on a CPU, see above). Plus one chunk
+    # of at most 1024 rows of float32 logits and its gradient.
+    if cfg.model.recompute:
+        per_layer = tokens * h * bytes_per * (RECOMPUTE_VALUES_PER_LAYER_CPU if on_cpu else 2)
+    else:
+        per_layer = tokens * h * 17 * bytes_per
+    activations = per_layer * config.num_layers + min(tokens, 1024) * config.vocab_size * 4 * 2
     if base_bytes is not None:  # a quantized base: float copies of the weight being dequantized (forward and
         # backward can overlap), at most two of the largest linear weight, in the compute dtype
         largest = max(config.intermediate_size or 0, config.hidden_size) * config.hidden_size
         activations += 2 * largest * bytes_per
+    runtime = RUNTIME_BYTES if on_cpu else 0
     return {"weights": weights, "adapters_and_optimizer": adapters, "activations": activations,
-            "total": weights + adapters + activations}
+            "runtime": runtime, "total": weights + adapters + activations + runtime}
 
 
 def dry_run(cfg) -> dict:
@@ -84,7 +104,8 @@ def dry_run(cfg) -> dict:
         f"quantization: {quant.describe() if quant is not None else 'none (float base)'}",
         f"peak memory per device ({cfg.model.compute_dtype}, seq_length {cfg.model.seq_length}, recompute "
         f"{cfg.model.recompute}): ~{gib(mem['total'])} (weights {gib(mem['weights'])}, adapters+grads+AdamW "
-        f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])})",
+        f"{gib(mem['adapters_and_optimizer'])}, activations {gib(mem['activations'])}"
+        + (f", process runtime {gib(mem['runtime'])})" if mem["runtime"] else ")"),
     ]
     print("\n".join(lines))
     return {"parameters": total, "trainable_parameters": trainable, "global_batch": plan.global_batch,
