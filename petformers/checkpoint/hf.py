@@ -15,7 +15,7 @@ from petformers.errors import CheckpointError, ConfigError
 from petformers.jsonio import read_json
 from petformers.models import names
 from petformers.models.config import LlamaConfig
-from petformers.safepath import inside
+from petformers.safepath import inside, shown
 
 
 def read_config(path: Path) -> LlamaConfig:
@@ -37,12 +37,12 @@ def weight_files(path: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: weight_map: missing or empty (expected an object of tensor name -> "
                                   "shard file name)")
-        files = sorted({inside(path, f, index, f"weight_map[{k!r}]", CheckpointError)
-                        for k, f in weight_map.items()})
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
-        return files
+        shards = {inside(path, f, index, f"weight_map[{k!r}]", CheckpointError): k for k, f in weight_map.items()}
+        for f, k in shards.items():
+            if not f.is_file():
+                raise CheckpointError(f"{index}: weight_map[{k!r}]: lists shard {shown(f.name)}, which is "
+                                      + ("not a file" if f.exists() else "missing"))
+        return sorted(shards)
     single = path / "model.safetensors"
     if single.exists():
         return [single]

@@ -34,6 +34,7 @@ from petformers.atomic import fsync_dir, synced
 from petformers.checkpoint.hf import save_safetensors_atomic
 from petformers.errors import CheckpointError
 from petformers.faults import kill_point
+from petformers.safepath import inside, shown
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -222,14 +223,16 @@ def damage(path: Path) -> str | None:
             size, expected = int(entry["bytes"]), str(entry["sha256"])
         except (KeyError, TypeError, ValueError):
             return f"{MANIFEST}: entry {name!r} malformed"
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            return f"{MANIFEST}: entry {name!r} leaves the checkpoint"
+        try:  # a '..', an absolute path or a symlink out of the checkpoint is never read
+            inside(path, name, path / MANIFEST, "entry", CheckpointError)
+        except CheckpointError:
+            return f"{MANIFEST}: entry {name!r:.80} leaves the checkpoint"
         if not file.is_file():
-            return f"{name} is missing"
+            return f"{shown(name)} is missing"
         if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
+            return f"{shown(name)} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
         if _sha256(file) != expected:
-            return f"{name} does not match its sha256 in {MANIFEST} (corrupted)"
+            return f"{shown(name)} does not match its sha256 in {MANIFEST} (corrupted)"
     return None
 
 

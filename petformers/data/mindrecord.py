@@ -64,12 +64,6 @@ def read_header(path: Path) -> dict:
     for key in ("header_size", "page_size"):
         if not isinstance(header[key], int) or isinstance(header[key], bool) or header[key] < 0:
             raise DataError(f"{path}: MindRecord header key {key!r}: expected a byte count, got {header[key]!r:.80}")
-    schemas = header["schema"]
-    if not isinstance(schemas, list) or not all(isinstance(s, dict) for s in schemas) or any(
-            not isinstance(s.get("schema"), dict) or not all(isinstance(v, dict) for v in s["schema"].values())
-            or not isinstance(s.get("blob_fields") or [], list) for s in schemas):
-        raise DataError(f"{path}: MindRecord header key 'schema': expected a list of {{'schema': {{field: "
-                        f"{{'type': ...}}}}, 'blob_fields': [...]}}, got {schemas!r:.80}")
     return header
 
 
@@ -126,6 +120,11 @@ class _Shard:
     def open(cls, path: Path) -> "_Shard":
         header = read_header(path)
         schemas = header["schema"]
+        if not isinstance(schemas, list) or not all(isinstance(s, dict) for s in schemas) or any(
+                not isinstance(s.get("schema"), dict) or not all(isinstance(v, dict) for v in s["schema"].values())
+                or not isinstance(s.get("blob_fields") or [], list) for s in schemas):
+            raise DataError(f"{path}: MindRecord header key 'schema': expected a list of {{'schema': {{field: "
+                            f"{{'type': ...}}}}, 'blob_fields': [...]}}, got {schemas!r:.80}")
         if not schemas:
             raise DataError(f"{path}: MindRecord header has an empty schema list")
         schema, blob_fields = schemas[0]["schema"], list(schemas[0].get("blob_fields") or [])
