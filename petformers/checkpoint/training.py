@@ -238,20 +238,46 @@ def damage(path: Path) -> str | None:
 
 def latest_good_checkpoint(root: Path, warn: bool = True) -> Path | None:
     """The newest checkpoint whose files all match their manifest; newer damaged ones are named in one
-    warning line. None when there is no checkpoint; CheckpointError when every one is damaged."""
+    warning line. A checkpoint with no manifest at all was saved by petformers before it wrote manifests
+    (a save is renamed into place only after its manifest): it is used, with a note in that line, when
+    its files load. None when there is no checkpoint; CheckpointError when every one is damaged."""
     skipped = []
     for path in reversed(list_checkpoints(root)):
         problem = damage(path)
+        legacy = problem is not None and problem.startswith(f"no {MANIFEST}")
+        if legacy:
+            why = _loads_without_manifest(path)
+            problem = None if why is None else f"{problem}; {why}"
         if problem is None:
-            if skipped and warn:
-                log.warning("petformers: warning: %s; resuming from %s instead",
-                            "; ".join(f"{p.name} is damaged ({why})" for p, why in skipped), path)
+            notes = [f"{p.name} is damaged ({why})" for p, why in skipped]
+            if legacy:
+                notes.append(f"{path.name} has no {MANIFEST} (saved by a petformers without manifests); its files "
+                             "load, so it is used without checksums")
+            if notes and warn:
+                log.warning("petformers: warning: %s; resuming from %s", "; ".join(notes), path)
             return path
         skipped.append((path, problem))
     if skipped:
         raise CheckpointError(f"{root}: no intact checkpoint to resume from ("
                               + "; ".join(f"{p.name}: {why}" for p, why in skipped)
                               + "); move them away to start from step 0")
+    return None
+
+
+def _loads_without_manifest(path: Path) -> str | None:
+    """None when the files of a checkpoint without a manifest load (trainer state, rng state, and the
+    trainable tensors and optimizer state, or DCP's metadata for a sharded one); else why not."""
+    try:
+        int(json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["step"])
+        torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True)
+        if (path / "dcp").is_dir():
+            if not (path / "dcp" / ".metadata").is_file():
+                return "dcp/.metadata is missing"
+        else:
+            load_file(str(path / "trainable.safetensors"))
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file makes it unusable, named in the warning
+        return f"its files do not load ({type(e).__name__}: {shown(str(e).splitlines()[0] if str(e) else '')})"
     return None
 
 
