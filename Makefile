@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
 APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench clean browser faults llamacpp-runtime
+.PHONY: setup test demo bench bench-qlora clean browser faults llamacpp-runtime
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
@@ -54,6 +54,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# The bench slice over a float32, a GGUF-Q4_1-kept and an NF4 base, next to transformers + peft +
+# bitsandbytes 4-bit (docs/benchmarks.md, section qlora-bench; docs/benchmarks_qlora.json).
+bench-qlora: $(STAMP)
+	$(PY) scripts/bench_qlora.py
 
 clean:
 	rm -rf output runs .pytest_cache

@@ -10,6 +10,9 @@ micro-batch x accumulation samples, as Trainer's `group_by_length=True` does, so
 similar lengths and little padding. `--dtype bf16` wraps the forward pass and the loss in
 `torch.autocast(device, torch.bfloat16)`, the easiest speed setting transformers offers.
 `--eval-adapter DIR` only computes the held-out loss of a PEFT adapter written by another tool.
+`--bnb-4bit WORK` is QLoRA as PEFT users run it: the base loaded 4-bit NF4 by bitsandbytes (double
+quantization, float32 compute), `prepare_model_for_kbit_training`, then the same LoRA and loop; the time
+spent in bitsandbytes' `dequantize_4bit` during the training steps is reported (`dequant_s`).
 
 Reads the conversations written by scripts/bench.py (OpenAI `messages` JSONL), renders each with
 the tokenizer's chat template, masks the prompt (label -100) and anything after the answer's
@@ -83,6 +86,52 @@ def load_model(gguf: Path):
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     return model, tokenizer
+
+
+def load_model_bnb4(gguf: Path, work: Path):
+    """The GGUF's float model with its linear layers in bitsandbytes NF4. transformers refuses a
+    quantization_config together with a GGUF file, so the float model is first written as an HF
+    directory under `work` (what a user does once) and loaded from there with BitsAndBytesConfig."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf_dir = work / "hf_float32"
+    if not (hf_dir / "config.json").is_file():
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)  # the GGUF marker would refuse BitsAndBytesConfig
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(str(hf_dir))
+        del loaded, plain
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, quantization_config=quant,
+                                                 attn_implementation="sdpa")
+    from peft import prepare_model_for_kbit_training
+
+    # no gradient checkpointing: the float rows of the bench do not recompute either
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
+
+
+class BnbDequantTimer:
+    """Seconds spent in bitsandbytes.functional.dequantize_4bit (forward and backward of its 4-bit
+    matmul call it through the module attribute)."""
+
+    def __init__(self):
+        import bitsandbytes.functional as bnb_functional
+
+        self.seconds, self.calls, self._module = 0.0, 0, bnb_functional
+        self._original = bnb_functional.dequantize_4bit
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+        bnb_functional.dequantize_4bit = timed
 
 
 def add_lora(model, rank: int, alpha: float, dropout: float):
@@ -165,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (batch-size / grad-accum)")
     ap.add_argument("--group-by-length", action="store_true", help="Trainer's group_by_length sample order")
     ap.add_argument("--eval-adapter", type=Path, help="only the held-out loss of this PEFT adapter directory")
+    ap.add_argument("--bnb-4bit", type=Path, metavar="WORK",
+                    help="QLoRA: base in bitsandbytes NF4 (its float HF copy is written under WORK)")
     ap.add_argument("--seq-length", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -188,8 +239,9 @@ def main(argv=None) -> int:
         from petformers.checkpoint.download import download
 
         gguf = download("smollm2-135m-instruct")
-    model, tokenizer = load_model(gguf)
-    model.to(DEVICE)
+    model, tokenizer = load_model_bnb4(gguf, args.bnb_4bit) if args.bnb_4bit else load_model(gguf)
+    if not args.bnb_4bit:  # bitsandbytes places its 4-bit model itself
+        model.to(DEVICE)
     if args.eval_adapter:
         return eval_adapter(model, tokenizer, args)
     model = add_lora(model, args.rank, args.alpha, args.dropout)
@@ -208,6 +260,7 @@ def main(argv=None) -> int:
                          random.Random(args.seed), torch.Generator().manual_seed(args.seed))
     losses, step_seconds = [], []
     trained = real = positions = 0
+    timer = BnbDequantTimer() if args.bnb_4bit else None
     train_start = time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
@@ -236,6 +289,7 @@ def main(argv=None) -> int:
             print(f"stopping after {step + 1} steps: --time-limit {args.time_limit:g} s", file=sys.stderr)
             break
     train_s = time.perf_counter() - train_start
+    dequant_s, dequant_calls = (timer.seconds, timer.calls) if timer else (None, None)  # before eval
     stopped_early = len(losses) < args.steps
     eval_loss = None if stopped_early else evaluate(model, eval_samples, args.micro_batch, pad_id,
                                                     args.dtype == "bf16")
@@ -249,6 +303,8 @@ def main(argv=None) -> int:
         "losses": losses, "step_seconds": step_seconds, "eval_loss": eval_loss,
         "load_and_setup_s": train_start - started, "device": str(DEVICE),
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if DEVICE.type == "cuda" else None,
+        "quantization": "bitsandbytes nf4, double quantization" if args.bnb_4bit else None,
+        "dequant_s": dequant_s, "dequant_calls": dequant_calls,
     }
     args.out.write_text(json.dumps(result, indent=2))
     return 0
