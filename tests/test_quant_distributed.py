@@ -6,6 +6,7 @@ GGUF kept in its blocks. The quantized blocks are non-persistent buffers, replic
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import gguf
@@ -50,3 +51,17 @@ def test_ddp_over_a_quantized_base_matches_one_process_and_resumes(qtype, tmp_pa
     done = torchrun(path, resumed, "--resume_training", "True")
     assert "step 2 of 4, saved by 2 rank(s)" in done.stderr
     assert_same_adapter(two, adapter(resumed), tol=0.0)
+
+
+def test_fsdp2_over_a_gguf_base_kept_quantized_matches_one_process(tmp_path, _dist_config, tiny_q4_1_gguf):
+    """FSDP2 shards the float parts and the adapter; the Q4_1 blocks stay whole on every rank."""
+    cfg = yaml.safe_load(_dist_config.read_text())
+    cfg["load_checkpoint"] = str(tiny_q4_1_gguf)
+    cfg["model"]["model_config"]["quantization_type"] = "gguf"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    single(path, tmp_path / "one")
+    torchrun(path, tmp_path / "two", "parallel_strategy=fsdp")
+    assert json.loads((tmp_path / "two" / "checkpoint" / "step_00000002" / "trainer_state.json").read_text())[
+        "layout"] == "sharded"
+    assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
