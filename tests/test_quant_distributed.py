@@ -2,7 +2,8 @@
 GGUF kept in its blocks. The quantized blocks are non-persistent buffers, replicated on every rank
 (docs/quantization.md); the adapter of the 2-rank run equals a one-process run of the same global batch
 (DDP's all-reduce keeps the ranks' adapters identical, so rank 0's saved adapter stands for both), and a
-2-rank run stopped after its step-2 checkpoint resumes on 2 ranks to that same adapter."""
+2-rank run stopped after its step-2 checkpoint resumes on 2 ranks to that same adapter. FSDP2 over the
+GGUF base (float parts and adapter sharded, blocks whole on every rank) ends with the one-process adapter."""
 
 from __future__ import annotations
 
