@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from petformers.models.config import LlamaConfig
+from petformers.models.lean_ops import rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back (as Meta and transformers do)."""
+    """x / rms(x) * weight, computed in float32 and cast back (as Meta and transformers do); its backward
+    keeps only x and 1/rms (models/lean_ops.py)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -41,10 +43,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
@@ -191,7 +190,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); backward keeps w1 x and w3 x, not silu(w1 x) (models/lean_ops.py)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -200,7 +199,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

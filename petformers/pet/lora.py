@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from petformers.errors import AdapterError
+from petformers.models.lean_ops import dropout_linear
 from petformers.quant.linear import quant_linear
 from petformers.quant.weight import QuantizedWeight
 
@@ -151,7 +152,12 @@ class LoRALinear(nn.Module):
         dtype = result.dtype
         x = x.to(self.lora_a.weight.dtype)
         if not self.use_dora:
-            h = self.lora_a(self.dropout(x))
+            if isinstance(self.dropout, nn.Dropout) and type(self.lora_a) is nn.Linear:
+                # A(dropout(x)) keeping x and a bool mask for backward, not the dropped x and a float
+                # noise tensor (models/lean_ops.py): 2 x [tokens, in] floats less per LoRA layer
+                h = dropout_linear(x, self.lora_a.weight, self.dropout.p, self.dropout.training)
+            else:
+                h = self.lora_a(self.dropout(x))
             if dtype == h.dtype and type(self.lora_b) is nn.Linear and self.lora_b.bias is None:
                 # result + s·h·Bᵀ as one addmm: no separate scale and add passes over [tokens, out] in
                 # forward or backward (~30% of LoRA's own cost on a 192-wide k/v projection on CPU).
