@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
 APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench bench-qlora clean browser faults llamacpp-runtime
+.PHONY: setup test demo bench bench-qlora clean browser faults llamacpp-runtime jemalloc
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
@@ -30,9 +30,17 @@ llamacpp-runtime:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgomp1 >/dev/null; \
 	else echo "make llamacpp-runtime: libgomp1 is missing; install it (apt-get install libgomp1) for the llama.cpp tests"; fi
 
-setup: $(STAMP)
+# jemalloc, the malloc `python -m petformers` runs on where it is installed (petformers/allocator.py: about
+# half glibc's peak RSS for a training run): Debian's libjemalloc2, installed only when missing.
+jemalloc:
+	@if ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 >/dev/null 2>&1; then :; \
+	elif [ -n "$(APT)" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null; \
+	else echo "make jemalloc: libjemalloc2 is missing; install it (apt-get install libjemalloc2) for a leaner training process"; fi
 
-test: $(STAMP) browser llamacpp-runtime
+setup: $(STAMP) jemalloc
+
+test: $(STAMP) jemalloc browser llamacpp-runtime
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not faults"
 
 # The long fault-injection runs (docs/reliability.md): the tests marked `faults`, then the kill -9
@@ -42,22 +50,22 @@ SEEDS ?= 5
 KILLS ?= 20
 RANK_SEEDS ?= 1
 RANK_KILLS ?= 4
-faults: $(STAMP)
+faults: $(STAMP) jemalloc
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m faults
 	@mkdir -p output
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/fault_campaign.py --seeds $(SEEDS) --kills $(KILLS) \
 		--rank_seeds $(RANK_SEEDS) --rank_kills $(RANK_KILLS) \
 		--json output/faults.json
 
-demo: $(STAMP)
+demo: $(STAMP) jemalloc
 	$(PY) scripts/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) jemalloc
 	$(PY) scripts/bench.py
 
 # The bench slice over a float32, a GGUF-Q4_1-kept and an NF4 base, next to transformers + peft +
 # bitsandbytes 4-bit (docs/benchmarks.md, section qlora-bench; docs/benchmarks_qlora.json).
-bench-qlora: $(STAMP)
+bench-qlora: $(STAMP) jemalloc
 	$(PY) scripts/bench_qlora.py
 
 clean:

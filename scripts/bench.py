@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 CONFIG = ROOT / "configs" / "bench" / "smollm2_bench.yaml"
+
+from petformers.allocator import find_jemalloc  # noqa: E402  (after sys.path names the repo)
 RUNS = ("hf_peft_fp32", "hf_peft_fp32_grouped", "torchtune", "petformers", "hf_peft_bf16")
 PEERS = ("hf_peft_fp32", "hf_peft_fp32_grouped", "torchtune")
 
@@ -171,16 +173,21 @@ def machine() -> str:
         peft_version = peft.__version__
     except ImportError:
         peft_version = "not installed"
+    malloc = f"every run on jemalloc ({JEMALLOC})" if JEMALLOC else "every run on glibc's malloc (no jemalloc installed)"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_version}")
+            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_version}; {malloc}")
 
 
 # ---- running a child ------------------------------------------------------------------------------
+
+JEMALLOC = find_jemalloc()
 
 def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path = ROOT) -> dict:
     """Run cmd; wall seconds, peak RSS (MiB) of that child alone (wait4), exit code, stdout."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
+    if JEMALLOC:  # the peers too, as PyTorch's CPU performance guide tells their users (petformers/allocator.py)
+        env["LD_PRELOAD"] = JEMALLOC + (os.pathsep + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
     started = time.perf_counter()
     out_fh = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=out_fh if log else None,

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from petformers import __version__
+from petformers.allocator import reexec_under_jemalloc
 from petformers.errors import PetformersError
 
 # Subcommand modules, in the order `--help` lists them.
@@ -56,6 +57,13 @@ def setup_logging():
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def entry() -> int:
+    """The `petformers` console script: main() in a process running on jemalloc where it is installed
+    (petformers/allocator.py). main() itself never replaces the process it is called in."""
+    reexec_under_jemalloc(sys.argv[1:])
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from petformers import atomic
+from petformers import allocator, atomic
 from petformers.checkpoint import dcp
 from petformers.checkpoint import training as checkpointing
 from petformers.checkpoint.gguf_export import export_run_gguf
@@ -354,7 +354,7 @@ def write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started:
                                                     fully_trained=pet is None))
     peak = _peak_memory_mib()
     summary = summary | {"wall_seconds": time.perf_counter() - started, "peak_rss_mib": peak,
-                         "artefacts": artefacts, "run_mode": cfg.run_mode}
+                         "allocator": allocator.current(), "artefacts": artefacts, "run_mode": cfg.run_mode}
     atomic.write_json(out / "run_summary.json", summary)
     lines = [f"steps: {summary.get('steps', summary.get('step'))}",
              f"loss: {summary.get('first_loss')} -> {summary.get('final_loss')}"]
@@ -362,7 +362,7 @@ def write_outputs(cfg, model, tokenizer, pet, out: Path, summary: dict, started:
         lines.append(f"eval loss: {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})")
     if summary.get("trained_tokens_per_s"):
         lines.append(f"trained tokens/s: {summary['trained_tokens_per_s']:.1f}")
-    lines.append(f"peak RSS: {peak:.0f} MiB, wall: {summary['wall_seconds']:.1f} s")
+    lines.append(f"peak RSS: {peak:.0f} MiB ({summary['allocator']} malloc), wall: {summary['wall_seconds']:.1f} s")
     lines += [f"{k}: {v}" for k, v in artefacts.items()]
     log.info("petformers: run summary\n  " + "\n  ".join(lines))
 
