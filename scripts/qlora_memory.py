@@ -4,7 +4,7 @@ The base is created directly as NF4 blocks with a fixed seed (petformers.quant.m
 the 27 GB float model is never made. Embeddings, norms and lm_head are float32 (QLoRA's rule); LoRA as in
 the seed's configs/llama2/lora_llama2_7b.yaml (rank 16, alpha 16, dropout 0.05, wq|wk|wv|wo); AdamW;
 batch 1 x seq_length tokens per step through the model's own loss path (chunked cross-entropy), with
-recompute (activation checkpointing per layer) on by default. Peak RSS is the process's ru_maxrss.
+recompute (activation checkpointing per layer) on by default. Peak RSS is the process's own high-water mark (petformers/peak_rss.py: VmHWM, not ru_maxrss).
 
     nice python scripts/qlora_memory.py                 # the 7B shape, 3 steps of 256 tokens
     python scripts/qlora_memory.py --layers 2 --hidden 256 --ffn 688 --heads 4 --vocab 512 --steps 2
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ import torch
 
 from petformers.models.config import LlamaConfig
 from petformers.models.llama import RMSNorm, build_model
+from petformers.peak_rss import peak_rss_bytes
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import apply_lora
 from petformers.quant.linear import QuantLinear
@@ -56,10 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--write-docs", metavar="BENCHMARKS_MD",
                    help="put the section into this file (docs/benchmarks.md), replacing this script's previous one")
     return p.parse_args(argv)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def build_quantized_model(args, quant: QuantConfig):

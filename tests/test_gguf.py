@@ -434,3 +434,23 @@ def test_smollm2_logits_and_greedy_answer_equal_transformers(smollm2, smollm2_re
     assert answer == expected
     assert len(answer) == 24  # a real 24-token answer, not an early stop
     assert tok.decode(answer).strip()
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"llama.attention.head_count": 0}, "'llama.attention.head_count' is 0"),  # was a ZeroDivisionError
+    ({"llama.attention.head_count": 1}, "key 'llama.attention.head_count_kv' 2"),  # named no key
+    ({"llama.block_count": "3"}, "'llama.block_count' is '3'"),
+    ({"llama.embedding_length": 10}, "'llama.embedding_length' 10 is not divisible"),
+])
+def test_gguf_shape_keys_are_refused_by_name(changes, key):
+    """Found by tests/test_fuzz_readers.py: shape counts from a GGUF header are checked with their key."""
+    from petformers.errors import ConfigError
+    from petformers.models.config import LlamaConfig
+
+    meta = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+            "llama.embedding_length": 16, "llama.block_count": 2, "llama.feed_forward_length": 32,
+            "tokenizer.ggml.tokens": ["a", "b"]}
+    assert LlamaConfig.from_gguf(meta).num_heads == 4
+    with pytest.raises(ConfigError, match=key.replace("(", r"\(")) as e:
+        LlamaConfig.from_gguf({**meta, **changes})
+    assert "\n" not in str(e.value)

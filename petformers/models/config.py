@@ -20,6 +20,7 @@ built from the switches alone.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,9 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.num_heads
+        for name in ("hidden_size", "num_layers", "num_heads", "n_kv_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -260,19 +264,34 @@ class LlamaConfig:
             raise ConfigError(f"GGUF key 'general.architecture' {arch!r} is not supported; petformers supports "
                               f"{', '.join(GGUF_ARCHITECTURES)}")
         p = f"{arch}."
+
+        def count(key: str, default: int | None = None) -> int:
+            """A count the model's shape divides by, refused by its GGUF key unless a whole number >= 1."""
+            value = meta[p + key] if default is None else meta.get(p + key, default)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"GGUF key '{p + key}' is {value!r}; expected a whole number of at least 1")
+            return int(value)
+
         try:
-            heads = int(meta[p + "attention.head_count"])
-            hidden = int(meta[p + "embedding_length"])
+            heads = count("attention.head_count")
+            hidden = count("embedding_length")
+            kv = count("attention.head_count_kv", heads)
+            if heads % kv:
+                raise ConfigError(f"GGUF key '{p}attention.head_count' {heads} is not a multiple of key "
+                                  f"'{p}attention.head_count_kv' {kv}")
             rope_dim = meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count")
+            if not rope_dim and hidden % heads:
+                raise ConfigError(f"GGUF key '{p}embedding_length' {hidden} is not divisible by key "
+                                  f"'{p}attention.head_count' {heads}")
             window = meta.get(p + "attention.sliding_window")
             return cls(
                 vocab_size=int(meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])),
                 hidden_size=hidden,
-                num_layers=int(meta[p + "block_count"]),
+                num_layers=count("block_count"),
                 num_heads=heads,
-                n_kv_heads=int(meta.get(p + "attention.head_count_kv", heads)),
+                n_kv_heads=kv,
                 head_dim=int(rope_dim) if rope_dim else None,
-                intermediate_size=int(meta[p + "feed_forward_length"]),
+                intermediate_size=count("feed_forward_length"),
                 rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
                 theta=float(meta.get(p + "rope.freq_base", 10000.0)),
                 seq_length=int(meta.get(p + "context_length", 2048)),

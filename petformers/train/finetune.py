@@ -16,7 +16,6 @@ import copy
 import logging
 import math
 import os
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from petformers import allocator, atomic
+from petformers.peak_rss import peak_rss_bytes
 from petformers.checkpoint import dcp
 from petformers.checkpoint import training as checkpointing
 from petformers.checkpoint.gguf_export import export_run_gguf
@@ -377,7 +377,7 @@ def _peak_memory_mib() -> float:
     """Peak memory so far: CUDA memory allocated by tensors, else the process's peak RSS (MiB)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 # ---- signals and DDP ---------------------------------------------------------------------------------------
