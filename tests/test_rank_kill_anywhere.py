@@ -8,21 +8,11 @@ adapter equals an uninterrupted 2-rank run's byte for byte, resumed on 1 rank a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_campaign():
-    spec = importlib.util.spec_from_file_location("fault_campaign", REPO / "scripts" / "fault_campaign.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.test_kill_anywhere import load_campaign
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_model_dir, alpaca_demo):
