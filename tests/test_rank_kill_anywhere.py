@@ -14,6 +14,7 @@ import pytest
 
 from tests.test_kill_anywhere import load_campaign
 
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_model_dir, alpaca_demo):
     faults = load_campaign()
