@@ -22,7 +22,7 @@ from pathlib import Path
 
 ENV = "PETFORMERS_ALLOCATOR"
 CHOICES = ("auto", "jemalloc", "glibc")
-# Debian/Ubuntu's libjemalloc2, Fedora's jemalloc, Homebrew-less Linux installs, in that order.
+# Debian/Ubuntu's libjemalloc2 (x86-64, arm64), Fedora's jemalloc, then the usual other places.
 _CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
