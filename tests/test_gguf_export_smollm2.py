@@ -4,6 +4,10 @@ loaded back by llama.cpp (the real client) and by transformers' GGUF reader."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +19,7 @@ import torch
 import llamacpp
 from petformers.checkpoint.gguf_export import export_gguf_lora, export_merged, source_reader, touched_parameters
 from petformers.checkpoint.load import load_pretrained
-from petformers.checkpoint.peft import save_peft_adapter
+from petformers.checkpoint.peft import merge_adapter, save_peft_adapter
 from petformers.pet import PetConfig, apply_lora, merge_and_unload
 
 pytestmark = [pytest.mark.slow,
@@ -136,25 +140,62 @@ def _perplexity(path: Path, texts: list[list[int]]) -> float:
     return float(np.exp(total / count))
 
 
-def test_q4_0_and_q4_k_perplexity_against_f16(smol):
+@pytest.fixture(scope="module")
+def demo_tuned(smollm2_gguf, tmp_path_factory):
+    """The fine-tune `make demo` makes (its config and data, LoRA on every projection, one epoch: 43
+    steps, ~2.5 min here), exported as f16, q4_0 and q4_k: the issue's "the fine-tune as GGUF"."""
+    out = tmp_path_factory.mktemp("gguf_demo_tuned")
+    subprocess.run([sys.executable, str(ROOT / "demo" / "make_data.py"), "--out_dir", str(out / "data")],
+                   check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "petformers", "run", "--config",
+                          str(ROOT / "configs" / "smollm2" / "lora_smollm2_135m.yaml"),
+                          "--train_dataset_dir", str(out / "data" / "train.json"), "--output_dir", str(out / "run"),
+                          "--load_checkpoint", str(smollm2_gguf), "--do_eval", "False",
+                          "save_merged=False", "save_gguf=none"],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    reader = source_reader(smollm2_gguf)
+    model, tokenizer = load_pretrained(smollm2_gguf, reader=reader)
+    model, _ = merge_adapter(model, out / "run" / "adapter")
+    files = {}
+    for outtype in ("f16", "q4_0", "q4_k"):
+        files[outtype] = out / f"tuned-{outtype}.gguf"
+        files[outtype + "_result"] = export_merged(model.eval(), tokenizer, files[outtype], outtype, reader=reader,
+                                                   modelfile=False, progress=False)
+    return SimpleNamespace(files=files, tokenizer=tokenizer, summary=json.loads((out / "run" / "run_summary.json")
+                                                                                .read_text()))
+
+
+def test_q4_0_and_q4_k_perplexity_against_f16(demo_tuned):
+    """The issue's bound, 10% of f16's perplexity on the 40 held-out demo notes, for the demo's fine-tune.
+    Measured: f16 114.9, q4_0 113.9 (0.991x), q4_k 121.5 (1.057x)."""
+    assert demo_tuned.summary["steps"] == 43 and demo_tuned.summary["final_loss"] < 0.5, demo_tuned.summary
     notes = _held_out_notes()
     assert len(notes) == 40
-    texts = [smol.tokenizer.encode(n) for n in notes]
-    ppl = {t: _perplexity(smol.files[t], texts) for t in ("f16", "q4_0", "q4_k")}
+    texts = [demo_tuned.tokenizer.encode(n) for n in notes]
+    ppl = {t: _perplexity(demo_tuned.files[t], texts) for t in ("f16", "q4_0", "q4_k")}
     assert 1.0 < ppl["f16"] < 200, ppl
-    assert ppl["q4_k"] <= 1.10 * ppl["f16"], ppl  # measured 1.028
-    # Q4_0 has the types llama-quantize gives it (Q4_0, the tied output Q8_0) and its bytes (the gguf
-    # package's reference quantizer, bit for bit), yet requantizing this already 4-bit (Q4_1) base
-    # onto Q4_0's symmetric grid costs more than the 10% asked for: measured 1.2045 here (1.179
-    # without the adapter). Bounded at what was measured, so that a regression still fails.
-    assert ppl["q4_0"] <= 1.22 * ppl["f16"], ppl
-    types = smol.files["q4_0_result"]["types"]
+    assert ppl["q4_0"] <= 1.10 * ppl["f16"], ppl
+    assert ppl["q4_k"] <= 1.10 * ppl["f16"], ppl
+    types = demo_tuned.files["q4_0_result"]["types"]
     # llama-quantize's types: every matrix Q4_0 but the tied embeddings (Q6_K, 576-wide rows: Q8_0)
     assert types == {"Q4_0": 210, "Q8_0": 1, "F32": 61}, types
     # q4_k is llama-quantize's Q4_K_M: Q4_K for the 1536-wide ffn_down rows, Q6_K where the mix gives
     # more bits; 576-wide rows fall back to Q5_0 / Q8_0 as in llama-quantize.
-    types = smol.files["q4_k_result"]["types"]
+    types = demo_tuned.files["q4_k_result"]["types"]
     assert types.get("Q4_K", 0) == 16 and types.get("Q6_K", 0) == 14, types
+
+
+def test_q4_0_perplexity_with_a_random_attention_adapter(smol):
+    """A regression guard, not the issue's bound: this base is already 4-bit (Q4_1), and requantizing it
+    onto Q4_0's symmetric grid costs ~18% perplexity with no adapter at all (measured 1.179x) and 1.17-1.21x
+    with attention-only adapters (this seeded one: 1.2045x; one trained on the demo data: 1.171x), while
+    the file holds llama.cpp's types and llama.cpp's bytes (llama-quantize --allow-requantize gives the
+    same). The README says so."""
+    texts = [smol.tokenizer.encode(n) for n in _held_out_notes()]
+    ppl = {t: _perplexity(smol.files[t], texts) for t in ("f16", "q4_0", "q4_k")}
+    assert ppl["q4_k"] <= 1.10 * ppl["f16"], ppl  # measured 1.028
+    assert ppl["q4_0"] <= 1.22 * ppl["f16"], ppl
 
 
 def test_tokenizer_and_chat_template_read_back(smol):
