@@ -131,6 +131,26 @@ def segment_lengths(segment_ids: torch.Tensor) -> list[list[int]]:
     return [[end - start for start, end in zip(c[:-1], c[1:])] for c in cuts]
 
 
+# torch's CPU flash-attention backward in bf16/fp16 keeps ~6 MiB for every sequence length it has seen and
+# never frees it (torch 2.13, AVX512-BF16: 76 lengths -> +457 MiB; forward-only and float32 keep nothing).
+# Packed samples bring a new length nearly every time, so a bf16 run's RSS grew ~45 MiB per step until it
+# had seen them all (1530 -> 2432 MiB over the bench). Zeros after the last position change nothing under
+# causal attention, so training pads each attention's length up to a multiple of 64: at most
+# seq_length / 64 lengths, measured at the same speed. tests/test_attention_lengths.py.
+PAD_LENGTH_TO = 64
+
+
+def causal_attention(q, k, v, **sdpa_kwargs) -> torch.Tensor:
+    """Causal SDPA over q, k, v [B, heads, T, head_dim]; see PAD_LENGTH_TO for the padding."""
+    t = q.shape[2]
+    extra = -t % PAD_LENGTH_TO
+    if extra == 0 or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) \
+            or not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)
+    q, k, v = (F.pad(x, (0, 0, 0, extra)) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)[:, :, :t]
+
+
 def segment_attention(q, k, v, lengths: list[list[int]], **sdpa_kwargs) -> torch.Tensor:
     """Causal attention within each segment of each row; q, k, v [B, heads, T, head_dim]. `split` (not
     indexing) so that backward concatenates the segments' gradients instead of zero-filling a
@@ -139,8 +159,7 @@ def segment_attention(q, k, v, lengths: list[list[int]], **sdpa_kwargs) -> torch
     for i, row in enumerate(lengths):
         qkv = (q, k, v) if len(lengths) == 1 else (q[i:i + 1], k[i:i + 1], v[i:i + 1])
         parts = zip(*(t.split(row, dim=2) for t in qkv))
-        rows.append(torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, **sdpa_kwargs)
-                               for a, b, c in parts], dim=2))
+        rows.append(torch.cat([causal_attention(a, b, c, **sdpa_kwargs) for a, b, c in parts], dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
@@ -184,6 +203,8 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": True} if native_gqa else {}
         if segments is not None:
             out = segment_attention(q, k, v, segments, **gqa)
+        elif mask is None and cache is None and t > 1:
+            out = causal_attention(q, k, v, **gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, **gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
