@@ -489,9 +489,16 @@ CHANGES = [
     "the frozen lm_head of LoRA the gradient for the hidden states is computed in the same pass "
     "(`_FrozenHeadCrossEntropy` in petformers/train/loss.py): lm_head runs twice per chunk instead of three "
     "times, and no logits are kept for backward.",
-    "- glibc's own heap reuse for activations: returning freed tensors to the OS at once (a fixed mmap "
-    "threshold, `PETFORMERS_LOW_RSS=1`) makes the peak RSS ~0.7x but every step ~1.5x slower, since each "
-    "activation lands on fresh pages the kernel must zero (the low_rss lever below); off by default.",
+    "- jemalloc for every run (`petformers` re-executes itself on it where installed, petformers/allocator.py; "
+    "the peers here run on it too): glibc keeps a training run's freed activations in its heaps, ~2x the "
+    "tensors alive. Returning them to the OS at once under glibc (`PETFORMERS_LOW_RSS=1`) costs ~1.5x the "
+    "time instead (each activation lands on fresh pages the kernel must zero).",
+    "- Backward keeps less (petformers/models/lean_ops.py): SwiGLU keeps w1x and w3x, not silu(w1x); LoRA's "
+    "dropout keeps a one-byte mask; RMSNorm keeps x and 1/rms.",
+    "- In bf16/fp16 on CPU, training attention pads each sample's length to a multiple of 64 (zeros after "
+    "its last token, which causal attention never reads): torch's CPU flash-attention backward keeps ~6 MiB "
+    "for every distinct length it has seen, and packed samples bring new lengths nearly every step "
+    "(without it this bench's petformers RSS grew from 1.5 to 2.4 GiB over its first 23 steps).",
     "- Grouped-query attention without repeating keys and values (`enable_gqa`, CPU), and one additive "
     "mask shared by all layers where a mask is needed (generation).",
     "- The LoRA update added to the frozen layer's output in one `addmm` (`LoRALinear.forward`): no "
