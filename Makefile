@@ -60,8 +60,9 @@ faults: $(STAMP) jemalloc
 demo: $(STAMP) jemalloc
 	$(PY) scripts/demo.py
 
+# Every row of docs/benchmarks.md and .json, the levers included, from this one invocation (~1.5 h quiet).
 bench: $(STAMP) jemalloc
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --levers
 
 # The bench slice over a float32, a GGUF-Q4_1-kept and an NF4 base, next to transformers + peft +
 # bitsandbytes 4-bit (docs/benchmarks.md, section qlora-bench; docs/benchmarks_qlora.json).

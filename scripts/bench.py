@@ -182,11 +182,15 @@ def machine() -> str:
 
 JEMALLOC = find_jemalloc()
 
-def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path = ROOT) -> dict:
-    """Run cmd; wall seconds, peak RSS (MiB) of that child alone (wait4), exit code, stdout."""
+def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path = ROOT,
+               allocator: str = "auto") -> dict:
+    """Run cmd; wall seconds, peak RSS (MiB) of that child alone (wait4), exit code, stdout.
+    `allocator`: "auto" runs it on jemalloc where installed, "glibc" on glibc's malloc (the allocator lever)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
-    if JEMALLOC:  # the peers too, as PyTorch's CPU performance guide tells their users (petformers/allocator.py)
+    if allocator == "glibc":
+        env["PETFORMERS_ALLOCATOR"] = "glibc"
+    if JEMALLOC and allocator != "glibc":  # the peers too, as PyTorch's CPU performance guide tells their users
         env["LD_PRELOAD"] = JEMALLOC + (os.pathsep + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
     started = time.perf_counter()
     out_fh = open(log, "w") if log else subprocess.PIPE

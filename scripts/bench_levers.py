@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   "every layer (petformers before that)", {"masked": True, "bool_mask": True}),
     "unfused_lora": ("the LoRA update scaled and added in separate passes, W·x + (B·A·x)·s, instead of one "
                      "addmm (petformers before)", {"unfused_lora": True}),
-    "low_rss": ("freed activations returned to the OS at once (a fixed 128 KiB mmap threshold, "
-                "PETFORMERS_LOW_RSS=1; petformers' default before this bench)", {"low_rss": True}),
+    "glibc_malloc": ("glibc's malloc instead of jemalloc, the allocator petformers runs on where it is "
+                     "installed (petformers/allocator.py; PETFORMERS_ALLOCATOR=glibc)", {"allocator": "glibc"}),
+    "low_rss": ("glibc's malloc returning freed activations to the OS at once (a fixed 128 KiB mmap threshold, "
+                "PETFORMERS_LOW_RSS=1): the memory setting before jemalloc", {"low_rss": True, "allocator": "glibc"}),
     "recompute": ("activation checkpointing of every decoder layer (recompute_config.recompute)",
                   {"recompute": True}),
     "threads_1": ("1 thread instead of all cores", {"threads": 1}),
     "compile": ("torch.compile of hidden_states (inductor); the compile itself is in the warm-up step",
                 {"compile": True}),
+    "regional_compile": ("torch.compile of each decoder block, dynamic sequence length, the per-sample attention "
+                         "left eager (a graph break), so the layers share one compiled graph whatever the packing",
+                         {"compile": "regional"}),
 }
 
 
@@ -58,7 +62,9 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     import torch
     import torch.nn.functional as F
 
+    from petformers import allocator
     from petformers.checkpoint.load import load_config
+    from petformers.peak_rss import peak_rss_bytes
     from petformers.data.dataset import PreparedDataset
     from petformers.models.llama import build_model
     from petformers.pet.config import PetConfig
@@ -98,7 +104,18 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)
-    hidden_states = torch.compile(model.hidden_states) if spec.get("compile") else model.hidden_states
+    hidden_states = model.hidden_states
+    if spec.get("compile") == "regional":
+        # The blocks are the same code: with inline_inbuilt_nn_modules (torch >= 2.5's default) dynamo
+        # compiles one graph for all of them. segment_attention loops over a row's samples in Python
+        # (a graph per segment count); kept eager, it leaves norms, projections, rope, SwiGLU compiled.
+        from petformers.models import llama
+
+        llama.segment_attention = torch.compiler.disable(llama.segment_attention)
+        for layer in model.layers:
+            layer.compile(dynamic=True)
+    elif spec.get("compile"):
+        hidden_states = torch.compile(model.hidden_states)
 
     packed = spec.get("packing", True)
     ds = PreparedDataset(rows_dir / ("packed" if packed else "unpacked"))
@@ -138,7 +155,7 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     return {"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "steps_timed": len(step_s[timed]), "warmup_s": step_s[0], "step_s": step_s[timed],
             "trained_tokens_per_s": sum(tokens[timed]) / sum(step_s[timed]),
-            "peak_rss_mib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib_self": peak_rss_bytes() / 2**20, "allocator": allocator.current()}
 
 
 def fused_matmuls(tokens: int = 2048, repeats: int = 5) -> dict:
@@ -213,11 +230,14 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
         limit = 3 * time_limit if spec.get("compile") else time_limit  # compiling takes minutes on 2 cores
         cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--rows", str(rows), "--steps", str(steps),
                "--dtype", args.compute_dtype, "--time-limit", str(limit), "--out", str(result_file)]
-        run = _run_child(cmd, spec.get("threads", args.threads), out / "levers" / f"{name}.log")
+        run = _run_child(cmd, spec.get("threads", args.threads), out / "levers" / f"{name}.log",
+                         allocator=spec.get("allocator", "auto"))
         if run["rc"] != 0:
             results[name] = {"what": what, "error": f"exit {run['rc']}, see {out / 'levers' / (name + '.log')}"}
             continue
-        results[name] = {"what": what, **json.loads(result_file.read_text()), "peak_rss_mib": run["peak_rss_mib"]}
+        child = json.loads(result_file.read_text())
+        # The child's own high-water mark (VmHWM): wait4's ru_maxrss starts at this parent's (petformers/peak_rss.py).
+        results[name] = {"what": what, **child, "peak_rss_mib": child["peak_rss_mib_self"]}
     print("bench: fused projections (matmuls only) ...", flush=True)
     fused = _run_child([sys.executable, __file__, "--fused-matmuls"], args.threads)
     results["fused_projections"] = json.loads(fused["stdout"].strip().splitlines()[-1])
@@ -226,7 +246,7 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
 
 
 # Variants that switch on something petformers does not do by default; the others take away a default.
-OPTIONS = ("other_dtype", "recompute", "threads_1", "compile", "low_rss")
+OPTIONS = ("other_dtype", "recompute", "threads_1", "compile", "regional_compile", "low_rss")
 
 
 def verdict(name: str, speed: float, memory: float) -> str:
@@ -269,7 +289,7 @@ def render(levers: dict) -> list[str]:
         speed = tps / base["trained_tokens_per_s"] if base.get("trained_tokens_per_s") else None
         memory = rss / base["peak_rss_mib"] if base.get("peak_rss_mib") else None
         extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
-        extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s" if name == "compile" else ""
+        extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s" if name in ("compile", "regional_compile") else ""
         say = "" if name == baseline or speed is None else verdict(name, speed, memory)
         if name == "petformers" and baseline != "petformers":
             say = "today's default"
