@@ -190,7 +190,7 @@ def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path 
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
     if allocator == "glibc":
         env["PETFORMERS_ALLOCATOR"] = "glibc"
-    if JEMALLOC and allocator != "glibc":  # the peers too, as PyTorch's CPU performance guide tells their users
+    elif JEMALLOC:  # the peers too, as PyTorch's CPU performance guide tells their users
         env["LD_PRELOAD"] = JEMALLOC + (os.pathsep + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
     started = time.perf_counter()
     out_fh = open(log, "w") if log else subprocess.PIPE

@@ -289,7 +289,8 @@ def render(levers: dict) -> list[str]:
         speed = tps / base["trained_tokens_per_s"] if base.get("trained_tokens_per_s") else None
         memory = rss / base["peak_rss_mib"] if base.get("peak_rss_mib") else None
         extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
-        extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s" if name in ("compile", "regional_compile") else ""
+        if name in ("compile", "regional_compile"):
+            extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s"
         say = "" if name == baseline or speed is None else verdict(name, speed, memory)
         if name == "petformers" and baseline != "petformers":
             say = "today's default"
