@@ -75,17 +75,18 @@ def workload_stats(train: Path, seq_length: int, batch: int) -> dict:
 
     from petformers.checkpoint.download import download
     from petformers.checkpoint.load import load_tokenizer
-    from petformers.data.packing import best_fit_decreasing
     from petformers.data.prepare import prepare
 
     tokenizer = load_tokenizer(download("smollm2-135m-instruct"))
     ds, summary = prepare(str(train), tokenizer, seq_length, template="chat", packing=False, progress=False)
+    _, packed = prepare(str(train), tokenizer, seq_length, template="chat", packing=True, shared_prefix=True,
+                        progress=False)  # as the bench's petformers run packs them
     segments = ds.arrays["segment_ids"]
     lengths = (segments == 0).sum(axis=1).astype(np.int64)  # one sample per row; padding is segment 1
     padded = sum(int(lengths[i:i + batch].max()) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
     return {"samples": int(len(lengths)), "tokens": int(lengths.sum()), "trained_tokens": summary.trained_tokens,
             "sum_sq_lengths": int((lengths ** 2).sum()), "max_length": int(lengths.max()),
-            "packed_rows": int(best_fit_decreasing(lengths, seq_length)[2]),
+            "packed_rows": packed.rows, "shared_prefix_tokens": packed.shared_prefix_tokens,
             "padding_fraction_dynamic_batches_in_file_order": 1 - int(lengths.sum()) / padded}
 
 
@@ -105,6 +106,9 @@ FLOPS_DOC = (
     "needed); for each sample of L tokens, 6·L²·d·layers of causal attention (forward 2·L²·d, backward "
     "4·L²·d, d = 576). N_body = {body:,} (block linear weights), N_head = {head:,}, N_lora = {lora:,}. "
     "Padding, masked-position logits and recomputation are not counted: they are overhead, not work. "
+    "Every sample is counted with its whole prompt: a run that computes less (petformers' shared prefix "
+    "computes the prompt's common start once per row) gets the same count, so its MFU is a rate of the "
+    "workload's model FLOPs, above what its matmuls did. "
     "Divided by the run's trained tokens, the workload gives a fixed cost per trained token, so "
     "MFU = trained tokens/s × FLOPs per trained token / matmul peak of the run's compute dtype "
     "(fp32 or bf16).").format(body=N_BODY, head=N_HEAD, lora=N_LORA)
@@ -439,12 +443,15 @@ def render_markdown(report: dict) -> str:
         epochs = settings["steps"] * c["rows_per_step"] / w["packed_rows"]
         lines.append(
             f"- (d): packing puts the {w['samples']} samples in {w['packed_rows']} rows of {settings['seq_length']} "
-            f"(a step is {c['rows_per_step']} rows: batch_size 1 × gradient_accumulation_steps "
-            f"{c['rows_per_step']}, ≈ {w['samples'] / w['packed_rows'] * c['rows_per_step']:.1f} samples, the "
-            f"nearest whole number of rows to {settings['batch_size']} samples), so the same {settings['steps']} "
+            + (f", each starting with the {w['shared_prefix_tokens']} tokens every sample starts with (the shared "
+               "prefix, once per row instead of once per sample)" if w.get("shared_prefix_tokens") else "") +
+            f" (a step is {c['rows_per_step']} rows: batch_size 1 × gradient_accumulation_steps "
+            f"{c['rows_per_step']}, ≈ {w['samples'] / w['packed_rows'] * c['rows_per_step']:.1f} samples against "
+            f"the peers' {settings['batch_size']}), so the same {settings['steps']} "
             f"steps cover {epochs:.2f} epochs: {c['trained_tokens']:,} trained tokens"
             + (f" against (a)'s {runs['hf_peft_fp32']['trained_tokens']:,}" if "hf_peft_fp32" in runs else "")
-            + ". Throughput is per trained token, so this does not favour either side.")
+            + ". Throughput is per trained token, so this does not favour either side; the held-out loss "
+            "benefits from the extra samples.")
     lines += [
         "- Final loss: the training loss of the last step (a different batch in each run). Held-out loss: "
         f"the mean token loss of the next {settings['eval_records']} records after training, the same "
@@ -489,6 +496,11 @@ CHANGES = [
     "~2% padding instead of the ~50% of padded batches; attention is computed sample by sample "
     "(`segment_attention` in petformers/models/llama.py), causal within each sample, so packed samples "
     "never see each other and attention costs sum(L²)/2 instead of the T² of a masked row.",
+    "- Shared prefix (`shared_prefix: True`, with packing): every sample of the bench starts with the same "
+    "tokens (the chat template's system prompt, the user header and the Alpaca prompt's first sentence); "
+    "each row holds them once, and each sample attends to them with its positions continuing after them "
+    "(petformers/data/packing.py, `segment_attention`): the same loss and gradients, fewer tokens through "
+    "every layer (tests/test_shared_prefix.py).",
     "- Cross-entropy only over trained positions, in chunks, never float32 logits for the whole batch; with "
     "the frozen lm_head of LoRA the gradient for the hidden states is computed in the same pass "
     "(`_FrozenHeadCrossEntropy` in petformers/train/loss.py): lm_head runs twice per chunk instead of three "

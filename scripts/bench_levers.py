@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (what it changes against the bench's petformers settings, the change)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "petformers": ("the bench's settings: packed rows, 2 rows of 1024 per step, frozen-head cross-entropy", {}),
+    "no_shared_prefix": ("packed rows with every sample's own copy of the prefix all samples share (system prompt, "
+                         "template header), instead of one copy per row that the row's samples attend to",
+                         {"rows": "packed_plain"}),
     "no_packing": ("one sample per row, 8 samples per step, each batch cut to its longest sample "
                    "(the baseline's dynamic padding)", {"packing": False}),
     "other_dtype": ("the other compute dtype for the frozen base (bf16 <-> fp32); adapters stay fp32",
@@ -118,7 +121,7 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
         hidden_states = torch.compile(model.hidden_states)
 
     packed = spec.get("packing", True)
-    ds = PreparedDataset(rows_dir / ("packed" if packed else "unpacked"))
+    ds = PreparedDataset(rows_dir / spec.get("rows", "packed" if packed else "unpacked"))
     rows_per_micro, micro_per_step = (1, 2) if packed else (8, 1)
     pad_id = int(ds.meta["pad_id"])
 
@@ -200,16 +203,17 @@ def fused_matmuls(tokens: int = 2048, repeats: int = 5) -> dict:
 # ---- the parent ---------------------------------------------------------------------------------------
 
 def prepare_rows(train: Path, out: Path, seq_length: int) -> Path:
-    """The workload as petformers prepares it, packed and unpacked, written once for every variant."""
+    """The workload as petformers prepares it (packed with the shared prefix, packed without it, unpacked),
+    written once for every variant."""
     from petformers.checkpoint.download import download
     from petformers.checkpoint.load import load_tokenizer
     from petformers.data.prepare import prepare
 
     rows = out / "levers"
     tokenizer = load_tokenizer(download("smollm2-135m-instruct"))
-    for name, packing in (("packed", True), ("unpacked", False)):
+    for name, packing, shared in (("packed", True, True), ("packed_plain", True, False), ("unpacked", False, False)):
         prepare(str(train), tokenizer, seq_length, template="chat", packing=packing, output_dir=rows / name,
-                progress=False)
+                progress=False, shared_prefix=shared)
     return rows
 
 

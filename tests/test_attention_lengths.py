@@ -39,10 +39,10 @@ def test_padded_causal_attention_equals_unpadded(dtype, length):
 def test_segments_padded_one_by_one():
     """segment_attention pads each sample on its own: samples still never see each other."""
     q, k, v = _qkv(100, torch.bfloat16)
-    lengths = [[30, 45, 25]]
-    out = segment_attention(q, k, v, lengths, enable_gqa=True)
+    layout = [[(30, 0), (45, 0), (25, 0)]]  # (length, shared prefix seen)
+    out = segment_attention(q, k, v, layout, enable_gqa=True)
     start = 0
-    for n in lengths[0]:
+    for n, _ in layout[0]:
         part = F.scaled_dot_product_attention(*(x[:, :, start:start + n].float() for x in (q, k, v)), is_causal=True,
                                               enable_gqa=True)
         assert (out[:, :, start:start + n].float() - part).abs().max() < 2e-2
@@ -59,7 +59,7 @@ def run(n):
     q = torch.randn(1, 9, n, 64, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, 3, n, 64, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, 3, n, 64, dtype=torch.bfloat16, requires_grad=True)
-    segment_attention(q, k, v, [[n]], enable_gqa=True).sum().backward()
+    segment_attention(q, k, v, [[(n, 0)]], enable_gqa=True).sum().backward()
 for n in (64, 128):  # warm up the kernels of a few lengths
     run(n)
 before = rss()

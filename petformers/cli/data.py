@@ -47,6 +47,9 @@ def register(subparsers):
     add_chat_template_args(r)
     r.add_argument("--packing", action="store_true", help="put several samples in a row (attention never "
                                                            "crosses samples)")
+    r.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
+                   help="with --packing: repeat the samples' common prefix in every sample instead of writing it "
+                        "once per row")
     r.add_argument("--drop_long", action="store_true", help="drop samples longer than seq_length instead of "
                                                              "truncating them")
     r.add_argument("--skip_invalid", action="store_true", help="skip (and list) bad records instead of stopping")
@@ -78,7 +81,7 @@ def run_prepare(args):
                                   skip_invalid=args.skip_invalid, progress=progress)
     else:
         _, summary = prepare(args.input, tokenizer, args.seq_length, template=args.template, packing=args.packing,
-                             drop_long=args.drop_long, skip_invalid=args.skip_invalid,
+                             drop_long=args.drop_long, skip_invalid=args.skip_invalid, shared_prefix=args.shared_prefix,
                              output_dir=args.output_dir, progress=progress)
     print(summary.format(), file=sys.stderr)
     print(f"petformers: wrote {args.output_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

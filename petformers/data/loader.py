@@ -36,9 +36,10 @@ def dataset_kind(path) -> str:
 
 
 def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: bool, drop_long: bool = False,
-                 run_mode: str = "finetune", pad_id: int = 0, progress: bool = True):
+                 run_mode: str = "finetune", pad_id: int = 0, progress: bool = True, shared_prefix: bool = False):
     """`pad_id`: the id a MindRecord's rows are padded with, masked from the loss as MindFormers does
-    (train.setup.data_pad_id decides it). Every dataset returned tells its own `pad_id`."""
+    (train.setup.data_pad_id decides it). Every dataset returned tells its own `pad_id`. `shared_prefix`:
+    raw data packed on the fly writes the samples' common prefix once per row (data/packing.py)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: dataset not found")
@@ -59,7 +60,7 @@ def open_dataset(path: str, tokenizer, seq_length: int, template: str, packing: 
         return ds
 
     ds, _ = prepare(str(p), tokenizer, seq_length, template=template, packing=packing, drop_long=drop_long,
-                    progress=progress)
+                    progress=progress, shared_prefix=shared_prefix)
     return ds
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from petformers import __version__
 from petformers.data import dataset as ds
 from petformers.data.formats import RecordError, load_samples, load_texts
-from petformers.data.packing import IGNORE_INDEX, fill_rows, place, shift_targets
+from petformers.data.packing import IGNORE_INDEX, common_prefix, fill_rows, place, shift_targets, strip_prefix
 from petformers.data.templates import Template
 from petformers.errors import DataError
 
@@ -44,6 +44,7 @@ class Summary:
     truncated: int = 0  # samples cut to seq_length
     dropped: int = 0  # samples left out: too long with drop_long, or nothing to train within seq_length
     padding_fraction: float = 0.0  # padding / (rows * seq_length)
+    shared_prefix_tokens: int = 0  # tokens every sample starts with, written once per row (packing.py)
     skipped: list[str] = field(default_factory=list)  # "file:line: key: reason" of each bad record
 
     def counts(self) -> dict:
@@ -54,7 +55,8 @@ class Summary:
     def format(self, max_skipped: int = 20) -> str:
         lines = [f"records {self.records:,}  samples {self.samples:,}  rows {self.rows:,}",
                  f"tokens {self.tokens:,}  trained tokens {self.trained_tokens:,}  "
-                 f"padding {self.padding_fraction:.1%}",
+                 f"padding {self.padding_fraction:.1%}"
+                 + (f"  shared prefix {self.shared_prefix_tokens} tokens per row" if self.shared_prefix_tokens else ""),
                  f"truncated {self.truncated:,}  dropped {self.dropped:,}  skipped {len(self.skipped):,}"]
         lines += [f"  skipped {s}" for s in self.skipped[:max_skipped]]
         if len(self.skipped) > max_skipped:
@@ -148,26 +150,34 @@ def truncate(ids, labels, lengths, seq_length: int, drop_long: bool):
 
 
 def build(ids, targets, lengths, seq_length: int, packing: bool, pad_id: int, meta: dict, summary: Summary,
-          output_dir=None):
-    """Place the samples in rows, fill the four arrays, and return the dataset (written if output_dir)."""
-    row, offset, n_rows = place(lengths, seq_length, packing)
+          output_dir=None, shared_prefix: bool = False):
+    """Place the samples in rows, fill the four arrays, and return the dataset (written if output_dir).
+    `shared_prefix` (with packing): the tokens all samples start with are written once per row."""
+    prefix = None
+    p = common_prefix(ids, targets, lengths) if packing and shared_prefix else 0
+    if p:
+        prefix = ids[:p].copy()
+        ids, targets, lengths = strip_prefix(ids, targets, lengths, p)
+    row, offset, n_rows = place(lengths, seq_length - p, packing)
     if n_rows == 0:
         raise DataError(f"{meta['source_file']}: nothing left to train on ({summary.dropped} samples dropped: "
                         f"each is longer than seq_length {seq_length} or has no answer within it)")
-    summary.samples, summary.rows, summary.tokens = len(lengths), n_rows, int(lengths.sum())
+    summary.samples, summary.rows, summary.tokens = len(lengths), n_rows, int(lengths.sum()) + p * n_rows
+    summary.shared_prefix_tokens = p
+    meta["shared_prefix_tokens"] = p
     summary.trained_tokens = int((targets != IGNORE_INDEX).sum())
     summary.padding_fraction = 1.0 - summary.tokens / (n_rows * seq_length)
     meta["counts"] = summary.counts()
     meta["skipped"] = summary.skipped
     if output_dir is None:
         arrays = ds.allocate(n_rows, seq_length)
-        fill_rows(arrays, ids, targets, lengths, row, offset, pad_id)
+        fill_rows(arrays, ids, targets, lengths, row, offset, pad_id, prefix=prefix)
         return ds.InMemoryDataset(arrays, meta)
     output_dir = Path(output_dir)
     tmp = ds.temp_dir_for(output_dir)
     try:
         arrays = ds.allocate(n_rows, seq_length, tmp)
-        fill_rows(arrays, ids, targets, lengths, row, offset, pad_id)
+        fill_rows(arrays, ids, targets, lengths, row, offset, pad_id, prefix=prefix)
         ds.commit(tmp, arrays, meta, output_dir)
         del arrays
     finally:
@@ -189,7 +199,10 @@ def base_meta(kind: str, tokenizer, seq_length: int, packing: bool, template: st
         "source_file": str(input_path), "source_format": source_format, "source_sha256": sha,
         "columns": {c: "int32" for c in ds.COLUMNS},
         "layout": "targets[i] is the label of the token after input_ids[i] (-100: not trained); "
-                  "position_ids restart at 0 and segment_ids count up per sample; padding is one more segment",
+                  "position_ids restart at 0 and segment_ids count up per sample; padding is one more segment; "
+                  "with a shared prefix of P tokens (shared_prefix_tokens), every row starts with it and each "
+                  "sample's positions continue at P: a segment whose first position is p > 0 also attends to "
+                  "the row's first p columns",
     }
 
 
@@ -207,7 +220,8 @@ def _check_seq_length(seq_length) -> int:
 
 
 def prepare(input_path, tokenizer, seq_length: int, template: str = "fastchat", packing: bool = False,
-            drop_long: bool = False, skip_invalid: bool = False, output_dir=None, progress: bool = True):
+            drop_long: bool = False, skip_invalid: bool = False, output_dir=None, progress: bool = True,
+            shared_prefix: bool = False):
     """Instruction data -> (dataset, Summary). Writes `output_dir` if given, else keeps rows in memory.
 
     Accepts Alpaca JSON/JSONL, ShareGPT / MindFormers conversations and OpenAI messages (told
@@ -233,7 +247,7 @@ def prepare(input_path, tokenizer, seq_length: int, template: str = "fastchat", 
     summary = Summary(records=n_records, truncated=truncated, dropped=dropped, skipped=skipped)
     meta = base_meta("sft", tokenizer, seq_length, packing, template, input_path, fmt, sha)
     meta["drop_long"] = drop_long
-    dataset = build(ids, targets, lengths, seq_length, packing, pad_id, meta, summary, output_dir)
+    dataset = build(ids, targets, lengths, seq_length, packing, pad_id, meta, summary, output_dir, shared_prefix)
     return dataset, summary
 
 

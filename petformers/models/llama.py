@@ -15,7 +15,8 @@ Attention takes three optional descriptions of which keys a query may see, all t
 - nothing: plain causal attention (training on padded rows, prefill);
 - `segment_ids` [B, T]: packed rows, block-diagonal causal attention (a sample never sees another),
   computed sample by sample (`segment_attention`): causal attention over each sample's own columns does
-  sum(L^2)/2 work instead of the T^2 of a masked row, and needs no [T, T] mask;
+  sum(L^2)/2 work instead of the T^2 of a masked row, and needs no [T, T] mask; a sample whose positions
+  start at p > 0 also sees the row's first p columns, a prefix shared by the row's samples;
 - `attention_mask` [B, S]: 1 for real tokens, 0 for (left) padding, with a KV cache of S keys.
 A sliding window, when some query could see further back than it, is one more condition on the mask.
 """
@@ -103,19 +104,29 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None,
     device,
     window: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean [B|1, 1, q_len, past+q_len] mask (True = may attend), or None for plain causal.
-    `window`: a query at cache index i sees keys i - window < j <= i only (transformers' rule)."""
+    `window`: a query at cache index i sees keys i - window < j <= i only (transformers' rule); on packed
+    rows (`segment_ids` and `position_ids`) the distance is counted in positions, and a sample after a
+    shared prefix also sees the prefix's columns (data/packing.py)."""
     if segment_ids is None and attention_mask is None and past == 0 and window is None:
         return None
     k_len = past + q_len
     q_pos = torch.arange(past, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]
+    packed_positions = segment_ids is not None and position_ids is not None and past == 0
     if window is not None:
-        mask = mask & (q_pos - k_pos < window)[None, None]
+        if packed_positions:
+            mask = mask & (position_ids[:, None, :, None] - position_ids[:, None, None, :] < window)
+        else:
+            mask = mask & (q_pos - k_pos < window)[None, None]
     if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        if packed_positions:
+            same = same | (k_pos[None, None] < segment_first_position(segment_ids, position_ids)[:, None, :, None])
+        mask = mask & same
     if attention_mask is not None:
         keys_ok = attention_mask[:, None, None, :k_len].bool()
         # A padding query sees at least itself, so no row is all-False (which would give NaN).
@@ -123,12 +134,33 @@ def build_attention_mask(
     return mask
 
 
-def segment_lengths(segment_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the lengths of its runs of equal segment ids. Packed samples (and the trailing
-    padding) are contiguous runs (data/packing.py), so each run is one sample."""
+def segment_first_position(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the position at which each token's segment starts (> 0 after a shared prefix)."""
+    t = segment_ids.shape[1]
+    columns = torch.arange(t, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_column = torch.where(starts, columns, torch.zeros_like(columns)).cummax(dim=1).values
+    return position_ids.gather(1, start_column)
+
+
+def segment_layout(segment_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
+    """Per row, (length, prefix) for each run of equal segment ids. Packed samples (and the trailing
+    padding) are contiguous runs (data/packing.py), so each run is one sample; `prefix` is the run's
+    first position: 0, or the length of the shared prefix (the row's first run) the sample also sees."""
     ids = segment_ids.cpu()
-    cuts = [[0] + (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist() + [ids.shape[1]] for row in ids]
-    return [[end - start for start, end in zip(c[:-1], c[1:])] for c in cuts]
+    positions = position_ids.cpu() if position_ids is not None else None
+    rows = []
+    for r, row in enumerate(ids):
+        cuts = [0] + (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist() + [ids.shape[1]]
+        firsts = positions[r, cuts[:-1]].tolist() if positions is not None else [0] * (len(cuts) - 1)
+        layout = [(end - start, first) for start, end, first in zip(cuts[:-1], cuts[1:], firsts)]
+        for j, (_, first) in enumerate(layout):
+            if first and (j == 0 or layout[0] != (first, 0)):
+                raise ValueError(f"packed row {r}: sample {j} starts at position {first} but the row does not start "
+                                 f"with a shared prefix of {first} tokens (data/packing.py's layout)")
+        rows.append(layout)
+    return rows
 
 
 # torch's CPU flash-attention backward in bf16/fp16 keeps ~6 MiB for every sequence length it has seen and
@@ -151,15 +183,24 @@ def causal_attention(q, k, v, **sdpa_kwargs) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs)[:, :, :t]
 
 
-def segment_attention(q, k, v, lengths: list[list[int]], **sdpa_kwargs) -> torch.Tensor:
-    """Causal attention within each segment of each row; q, k, v [B, heads, T, head_dim]. `split` (not
-    indexing) so that backward concatenates the segments' gradients instead of zero-filling a
-    full-size tensor per segment."""
+def segment_attention(q, k, v, layout: list[list[tuple[int, int]]], **sdpa_kwargs) -> torch.Tensor:
+    """Causal attention within each segment of each row; q, k, v [B, heads, T, head_dim]. A segment after a
+    shared prefix (prefix > 0) attends over the prefix's keys and its own: its queries are computed with the
+    prefix's in front (a causal square, so the same kernel and padding rule), and the prefix rows of that
+    result dropped. `split` (not indexing) so that backward concatenates the segments' gradients instead of
+    zero-filling a full-size tensor per segment."""
     rows = []
-    for i, row in enumerate(lengths):
-        qkv = (q, k, v) if len(lengths) == 1 else (q[i:i + 1], k[i:i + 1], v[i:i + 1])
-        parts = zip(*(t.split(row, dim=2) for t in qkv))
-        rows.append(torch.cat([causal_attention(a, b, c, **sdpa_kwargs) for a, b, c in parts], dim=2))
+    for i, row in enumerate(layout):
+        qkv = (q, k, v) if len(layout) == 1 else (q[i:i + 1], k[i:i + 1], v[i:i + 1])
+        parts = list(zip(*(t.split([n for n, _ in row], dim=2) for t in qkv)))
+        outs = []
+        for (a, b, c), (_, prefix) in zip(parts, row):
+            if prefix:
+                a, b, c = (torch.cat((shared, own), dim=2) for shared, own in zip(parts[0], (a, b, c)))
+                outs.append(causal_attention(a, b, c, **sdpa_kwargs)[:, :, prefix:])
+            else:
+                outs.append(causal_attention(a, b, c, **sdpa_kwargs))
+        rows.append(torch.cat(outs, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
@@ -273,6 +314,7 @@ class Llama(nn.Module):
         """Final normalised hidden states [B, T, hidden] (the loss applies lm_head in chunks)."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
+        row_positions = position_ids  # as given: a packed row's positions tell where shared prefixes are
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x = self.tok_embeddings(input_ids)
@@ -283,12 +325,14 @@ class Llama(nn.Module):
             window = None  # no query can see further back than the window: plain attention
         segments = None
         if segment_ids is not None and attention_mask is None and cache is None and window is None:
-            segments, segment_ids = segment_lengths(segment_ids), None  # packed training rows: sample by sample
-        mask = _additive(build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device), x.dtype)
+            # packed training rows: sample by sample
+            segments, segment_ids = segment_layout(segment_ids, row_positions), None
+        mask = _additive(build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device,
+                                              position_ids=row_positions), x.dtype)
         window_mask = None
         if window is not None:
             window_mask = _additive(build_attention_mask(t, past, segment_ids, attention_mask, input_ids.device,
-                                                         window), x.dtype)
+                                                         window, row_positions), x.dtype)
         for i, layer in enumerate(self.layers):
             layer_mask = window_mask if window is not None and i >= self.config.max_window_layers else mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

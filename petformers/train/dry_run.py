@@ -122,4 +122,4 @@ def _count_rows(cfg) -> int | None:
     if not path.exists():
         return None
     return len(open_dataset(str(path), tokenizer_for(cfg), cfg.model.seq_length, cfg.data.template, cfg.data.packing,
-                            cfg.data.drop_long, cfg.run_mode, progress=False))
+                            cfg.data.drop_long, cfg.run_mode, progress=False, shared_prefix=cfg.data.shared_prefix))

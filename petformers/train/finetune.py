@@ -106,7 +106,8 @@ def open_data(cfg, model, tokenizer, env: DistEnv, out: Path):
     data = cfg.data
     pad_id = data_pad_id(cfg, model, tokenizer)
     train_ds = open_dataset(data.train_dataset_dir, tokenizer, cfg.model.seq_length, data.template, data.packing,
-                            data.drop_long, cfg.run_mode, pad_id=pad_id, progress=env.is_main)
+                            data.drop_long, cfg.run_mode, pad_id=pad_id, progress=env.is_main,
+                            shared_prefix=data.shared_prefix)
     eval_ds = None
     if cfg.eval.do_eval and data.eval_dataset_dir:
         eval_ds = open_dataset(data.eval_dataset_dir, tokenizer, cfg.model.seq_length, data.template, False,
