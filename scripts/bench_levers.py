@@ -40,6 +40,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   "every layer (petformers before that)", {"masked": True, "bool_mask": True}),
     "unfused_lora": ("the LoRA update scaled and added in separate passes, W·x + (B·A·x)·s, instead of one "
                      "addmm (petformers before)", {"unfused_lora": True}),
+    "plain_ops": ("autograd's own SwiGLU, RMSNorm and dropout-then-A, which keep silu(a), the normalised output "
+                  "and a float dropout noise for backward, instead of petformers' lean ops that recompute those "
+                  "elementwise results and keep only the matmul outputs (selective recompute, "
+                  "petformers/models/lean_ops.py)", {"plain_ops": True}),
     "glibc_malloc": ("glibc's malloc instead of jemalloc, the allocator petformers runs on where it is "
                      "installed (petformers/allocator.py; PETFORMERS_ALLOCATOR=glibc)", {"allocator": "glibc"}),
     "low_rss": ("glibc's malloc returning freed activations to the OS at once (a fixed 128 KiB mmap threshold, "
@@ -97,6 +101,17 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
                     * self.scaling).to(result.dtype)
 
         LoRALinear.forward = unfused_forward
+    if spec.get("plain_ops"):  # the same formulas through torch's ops (lean_ops' docstring says what they keep)
+        from petformers.models import llama
+        from petformers.pet import lora
+
+        def plain_rms_norm(x, weight, eps):
+            xf = x.float()
+            return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+        llama.rms_norm = plain_rms_norm
+        llama.swiglu = lambda a, b: F.silu(a) * b
+        lora.dropout_linear = lambda x, weight, p, training: F.linear(F.dropout(x, p, training), weight)
     config, _ = load_config("smollm2-135m-instruct")
     model = build_model(config, device="cpu", dtype=torch.float32)
     model.init_weights(generator=torch.Generator().manual_seed(0))
