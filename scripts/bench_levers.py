@@ -151,7 +151,12 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
 
     cursor, step_s, tokens = 0, [], []
     started = time.perf_counter()
+    profile = None
     for step in range(steps + 1):
+        if spec.get("profile") and step == steps:  # the last step, under the profiler
+            from torch.profiler import ProfilerActivity
+            profile = torch.profiler.profile(activities=[ProfilerActivity.CPU])
+            profile.__enter__()
         t0 = time.perf_counter()
         batches = []
         for _ in range(micro_per_step):
@@ -166,14 +171,25 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
         tokens.append(n)
+        if profile is not None:
+            profile.__exit__(None, None, None)
         print(f"step {step} {step_s[-1]:.1f}s {n} trained tokens", file=sys.stderr, flush=True)
         if time.perf_counter() - started > time_limit:
             break
     timed = slice(1, None) if len(step_s) > 1 else slice(0, None)  # step 0 warms up (and compiles)
-    return {"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    extra = {"profile": top_ops(profile)} if profile is not None else {}
+    return {**extra, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "steps_timed": len(step_s[timed]), "warmup_s": step_s[0], "step_s": step_s[timed],
             "trained_tokens_per_s": sum(tokens[timed]) / sum(step_s[timed]),
             "peak_rss_mib_self": peak_rss_bytes() / 2**20, "allocator": allocator.current()}
+
+
+def top_ops(profile, n: int = 12) -> dict:
+    """The operators that took the profiled step's time: self CPU time of each, largest first."""
+    rows = sorted(((e.key, e.self_cpu_time_total, e.count) for e in profile.key_averages()), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return {"total_s": total / 1e6, "ops": [{"op": k, "self_s": t / 1e6, "share": t / total, "calls": c}
+                                            for k, t, c in rows[:n]]}
 
 
 def fused_matmuls(tokens: int = 2048, repeats: int = 5) -> dict:
@@ -257,6 +273,11 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
         child = json.loads(result_file.read_text())
         # The child's own high-water mark (VmHWM): wait4's ru_maxrss starts at this parent's (petformers/peak_rss.py).
         results[name] = {"what": what, **child, "peak_rss_mib": child["peak_rss_mib_self"]}
+    print("bench: a profiled petformers step ...", flush=True)
+    cmd = [sys.executable, __file__, "--child", json.dumps({"profile": True}), "--rows", str(rows), "--steps", "1",
+           "--dtype", args.compute_dtype, "--time-limit", str(time_limit), "--out", str(out / "levers" / "profile.json")]
+    if _run_child(cmd, args.threads, out / "levers" / "profile.log")["rc"] == 0:
+        results["profile"] = json.loads((out / "levers" / "profile.json").read_text())["profile"]
     print("bench: fused projections (matmuls only) ...", flush=True)
     fused = _run_child([sys.executable, __file__, "--fused-matmuls"], args.threads)
     results["fused_projections"] = json.loads(fused["stdout"].strip().splitlines()[-1])
@@ -316,6 +337,14 @@ def render(levers: dict) -> list[str]:
         lines.append(f"| {name} | {what}{extra} | {tps:.1f} | {_x(speed)} | {rss:.0f} | {_x(memory)} | {say} |")
     if levers.get("note"):
         lines += ["", levers["note"]]
+    prof = levers.get("profile")
+    if prof:
+        lines += ["", "### Where the time goes", "",
+                  f"One petformers step at the bench settings under torch.profiler (after a warm-up step; "
+                  f"{prof['total_s']:.1f} s of operator time, the profiler's own overhead included): the operators "
+                  "with the most self time.", "",
+                  "| operator | self s | share | calls |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{o['op']}` | {o['self_s']:.2f} | {100 * o['share']:.1f}% | {o['calls']} |" for o in prof["ops"]]
     f = levers.get("fused_projections")
     if f:
         lines += [
