@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.petformers-installed
 APT     := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: setup test demo bench bench-qlora clean browser faults llamacpp-runtime jemalloc
+.PHONY: setup test demo bench bench-qlora bench-scaling clean browser faults llamacpp-runtime jemalloc
 
 # Create .venv once; install the pinned CPU torch only when no torch is importable,
 # so an existing (e.g. CUDA) torch satisfying torch>=2.4 is kept.
@@ -68,6 +68,12 @@ bench: $(STAMP) jemalloc
 # bitsandbytes 4-bit (docs/benchmarks.md, section qlora-bench; docs/benchmarks_qlora.json).
 bench-qlora: $(STAMP) jemalloc
 	$(PY) scripts/bench_qlora.py
+
+# How cost grows with the row length (512-4096) and the model size (135M real, 360M- and 1.1B-shaped random
+# weights), petformers beside transformers + peft group_by_length (docs/benchmarks.md, section scaling;
+# docs/benchmarks_scaling.json; ~40 min on 2 quiet cores). Options: scripts/bench_scaling.py --help.
+bench-scaling: $(STAMP) jemalloc
+	$(PY) scripts/bench_scaling.py
 
 clean:
 	rm -rf output runs .pytest_cache

@@ -33,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,9 +188,13 @@ def machine() -> str:
 JEMALLOC = find_jemalloc()
 
 def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path = ROOT,
-               allocator: str = "auto") -> dict:
+               allocator: str = "auto", time_limit: float | None = None,
+               memory_limit_mib: float | None = None) -> dict:
     """Run cmd; wall seconds, peak RSS (MiB) of that child alone (wait4), exit code, stdout.
-    `allocator`: "auto" runs it on jemalloc where installed, "glibc" on glibc's malloc (the allocator lever)."""
+    `allocator`: "auto" runs it on jemalloc where installed, "glibc" on glibc's malloc (the allocator lever).
+    `time_limit` (s) / `memory_limit_mib` (resident): the child is killed once past either, so one slow or
+    huge run cannot stall the bench or push the machine into its OOM killer; `stopped` says which limit
+    ("time", "memory"; None when the child ended by itself)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
     if allocator == "glibc":
@@ -200,13 +205,39 @@ def _run_child(cmd: list[str], threads: int, log: Path | None = None, cwd: Path 
     out_fh = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=out_fh if log else None,
                             text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    captured: list[str] = []
+    reader = threading.Thread(target=lambda: captured.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    watched = bool(time_limit or memory_limit_mib)
+    stopped = None
+    while True:  # poll (when watched) so that the child is killed before it is reaped: its pid stays its own
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if watched else 0)
+        if pid:
+            break
+        if stopped is None and time_limit and time.perf_counter() - started > time_limit:
+            stopped = "time"
+        elif stopped is None and memory_limit_mib and _rss_mib(proc.pid) > memory_limit_mib:
+            stopped = "memory"
+        if stopped:
+            proc.kill()
+        time.sleep(0.25)
+    reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out_fh.close()
     return {"wall_s": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "rc": proc.returncode, "stdout": stdout}
+            "rc": proc.returncode, "stdout": "".join(captured), "stopped": stopped}
+
+
+def _rss_mib(pid: int) -> float:
+    """A running process's resident memory now (VmRSS), 0 when it cannot be read (it has just ended)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def run_hf(name: str, dtype: str, args, train: Path, eval_path: Path | None, out: Path,

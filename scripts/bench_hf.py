@@ -7,7 +7,9 @@ each padded to its longest sample (dynamic padding, DataCollatorForSeq2Seq's rul
 step (Trainer's `num_items_in_batch`), AdamW, cosine schedule with warmup, gradient clipping at 1.0.
 `--group-by-length` orders the samples with transformers' own `LengthGroupedSampler` over
 micro-batch x accumulation samples, as Trainer's `group_by_length=True` does, so rows of a batch have
-similar lengths and little padding. `--dtype bf16` wraps the forward pass and the loss in
+similar lengths and little padding; with `--max-positions N` each optimizer step is instead one
+micro-batch of as many samples, in that order, as fit in N positions padded to their longest (a packed
+row's budget; scripts/bench_scaling.py). `--dtype bf16` wraps the forward pass and the loss in
 `torch.autocast(device, torch.bfloat16)`, the easiest speed setting transformers offers.
 `--eval-adapter DIR` only computes the held-out loss of a PEFT adapter written by another tool.
 `--bnb-4bit WORK` is QLoRA as PEFT users run it: the base loaded 4-bit NF4 by bitsandbytes (double
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from petformers.peak_rss import peak_rss_bytes
 
 IGNORE = -100
 
@@ -85,6 +89,16 @@ def load_model(gguf: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  attn_implementation="sdpa")
+    return model, tokenizer
+
+
+def load_model_dir(path: Path):
+    """A Hugging Face model directory (config.json, safetensors, its tokenizer): the random-weight models of
+    scripts/bench_scaling.py, which petformers loads from the same files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     return model, tokenizer
 
 
@@ -175,6 +189,20 @@ def sample_order(lengths: list[int], step_samples: int, group_by_length: bool, r
             yield from epoch
 
 
+def budget_batches(order, lengths: list[int], budget: int):
+    """Micro-batches of consecutive samples of `order` holding at most `budget` positions once padded to their
+    longest (at least one sample each): in LengthGroupedSampler's order, neighbours have similar lengths."""
+    batch, longest = [], 0
+    for i in order:
+        if batch and (len(batch) + 1) * max(longest, lengths[i]) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, lengths[i])
+    if batch:
+        yield batch
+
+
 def evaluate(model, samples, batch_size: int, pad_id: int, autocast: bool) -> float | None:
     """Mean token loss over held-out samples (the same samples for every run of the bench)."""
     if not samples:
@@ -208,11 +236,15 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="training conversations (messages JSONL)")
     ap.add_argument("--eval-data", type=Path, help="held-out conversations for the final eval loss")
     ap.add_argument("--gguf", type=Path, help="model file (default: the cached SmolLM2-135M-Instruct GGUF)")
+    ap.add_argument("--model", type=Path, help="a Hugging Face model directory instead of the GGUF")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast bfloat16")
     ap.add_argument("--steps", type=int, default=32, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (batch-size / grad-accum)")
     ap.add_argument("--group-by-length", action="store_true", help="Trainer's group_by_length sample order")
+    ap.add_argument("--max-positions", type=int, default=0,
+                    help="instead of --batch-size samples, each step is one micro-batch of as many samples as fit "
+                         "in this many positions padded to their longest (the sample order's neighbours)")
     ap.add_argument("--eval-adapter", type=Path, help="only the held-out loss of this PEFT adapter directory")
     ap.add_argument("--bnb-4bit", type=Path, metavar="WORK",
                     help="QLoRA: base in bitsandbytes NF4 (its float HF copy is written under WORK)")
@@ -235,11 +267,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gguf = args.gguf
-    if gguf is None:
+    if gguf is None and args.model is None:
         from petformers.checkpoint.download import download
 
         gguf = download("smollm2-135m-instruct")
-    model, tokenizer = load_model_bnb4(gguf, args.bnb_4bit) if args.bnb_4bit else load_model(gguf)
+    if args.model is not None and (args.gguf or args.bnb_4bit):
+        raise SystemExit("bench_hf: --model is a Hugging Face directory; it does not go with --gguf or --bnb-4bit")
+    model, tokenizer = load_model_bnb4(gguf, args.bnb_4bit) if args.bnb_4bit else \
+        load_model_dir(args.model) if args.model else load_model(gguf)
     if not args.bnb_4bit:  # bitsandbytes places its 4-bit model itself
         model.to(DEVICE)
     if args.eval_adapter:
@@ -256,17 +291,24 @@ def main(argv=None) -> int:
     warmup = int(round(args.warmup_ratio * args.steps))
     if args.batch_size % args.micro_batch:
         raise SystemExit(f"bench_hf: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
-    order = sample_order([len(ids) for ids, _ in samples], args.batch_size, args.group_by_length,
-                         random.Random(args.seed), torch.Generator().manual_seed(args.seed))
-    losses, step_seconds = [], []
+    lengths = [len(ids) for ids, _ in samples]
+    # LengthGroupedSampler groups by the batch size: under a budget, the samples of an average step.
+    group = max(1, round(args.max_positions / (sum(lengths) / len(lengths)))) if args.max_positions else args.batch_size
+    order = sample_order(lengths, group, args.group_by_length, random.Random(args.seed),
+                         torch.Generator().manual_seed(args.seed))
+    steps_of = budget_batches(order, lengths, args.max_positions) if args.max_positions else None
+    losses, step_seconds, step_trained_tokens, step_positions, step_samples = [], [], [], [], []
     trained = real = positions = 0
     timer = BnbDequantTimer() if args.bnb_4bit else None
     train_start = time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
-        chosen = [next(order) for _ in range(args.batch_size)]
-        micro = [pad_batch([samples[i] for i in chosen[k:k + args.micro_batch]], pad_id)
-                 for k in range(0, len(chosen), args.micro_batch)]
+        if steps_of is not None:
+            micro = [pad_batch([samples[i] for i in next(steps_of)], pad_id)]
+        else:
+            chosen = [next(order) for _ in range(args.batch_size)]
+            micro = [pad_batch([samples[i] for i in chosen[k:k + args.micro_batch]], pad_id)
+                     for k in range(0, len(chosen), args.micro_batch)]
         step_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * cosine_with_warmup(step, args.steps, warmup)
@@ -283,6 +325,9 @@ def main(argv=None) -> int:
         losses.append(step_loss)
         trained += step_trained
         step_seconds.append(time.perf_counter() - t0)
+        step_trained_tokens.append(step_trained)
+        step_positions.append(sum(b["input_ids"].numel() for b in micro))
+        step_samples.append(sum(len(b["input_ids"]) for b in micro))
         print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} {step_seconds[-1]:.1f}s", file=sys.stderr,
               flush=True)
         if args.time_limit and time.perf_counter() - train_start > args.time_limit and step + 1 < args.steps:
@@ -300,7 +345,10 @@ def main(argv=None) -> int:
         "group_by_length": args.group_by_length, "threads": torch.get_num_threads(),
         "train_s": train_s, "trained_tokens": trained, "real_tokens": real, "computed_positions": positions,
         "trained_tokens_per_s": trained / train_s, "first_loss": losses[0], "final_loss": losses[-1],
-        "losses": losses, "step_seconds": step_seconds, "eval_loss": eval_loss,
+        "losses": losses, "step_seconds": step_seconds, "step_trained_tokens": step_trained_tokens,
+        "step_positions": step_positions, "eval_loss": eval_loss, "max_positions": args.max_positions or None,
+        "step_samples": step_samples,
+        "peak_rss_mib_self": peak_rss_bytes() / 2**20,  # this process image alone (petformers/peak_rss.py)
         "load_and_setup_s": train_start - started, "device": str(DEVICE),
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if DEVICE.type == "cuda" else None,
         "quantization": "bitsandbytes nf4, double quantization" if args.bnb_4bit else None,

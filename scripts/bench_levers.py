@@ -53,8 +53,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "threads_1": ("1 thread instead of all cores", {"threads": 1}),
     "compile": ("torch.compile of hidden_states (inductor); the compile itself is in the warm-up step",
                 {"compile": True}),
-    "regional_compile": ("torch.compile of each decoder block, dynamic sequence length, the per-sample attention "
-                         "left eager (a graph break), so the layers share one compiled graph whatever the packing",
+    "regional_compile": ("torch.compile of the decoder block (petformers/models/compile.py), dynamic sequence "
+                         "length, the per-sample attention left eager (a graph break), so the layers share one "
+                         "compiled graph whatever the packing",
                          {"compile": "regional"}),
 }
 
@@ -124,14 +125,9 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)
     hidden_states = model.hidden_states
     if spec.get("compile") == "regional":
-        # The blocks are the same code: with inline_inbuilt_nn_modules (torch >= 2.5's default) dynamo
-        # compiles one graph for all of them. segment_attention loops over a row's samples in Python
-        # (a graph per segment count); kept eager, it leaves norms, projections, rope, SwiGLU compiled.
-        from petformers.models import llama
+        from petformers.models.compile import compile_blocks  # loads torch._dynamo: this variant only
 
-        llama.segment_attention = torch.compiler.disable(llama.segment_attention)
-        for layer in model.layers:
-            layer.compile(dynamic=True)
+        compile_blocks(model)  # tests/test_regional_compile.py checks it against the eager model
     elif spec.get("compile"):
         hidden_states = torch.compile(model.hidden_states)
 

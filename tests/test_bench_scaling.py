@@ -1,0 +1,91 @@
+"""scripts/bench_scaling.py end to end on a tiny random model: every (model, seq_length, tool) cell is
+measured in its own process and lands in the JSON and the table, the `scaling` section is written between
+its markers with the rest of a copy of docs/benchmarks.md kept byte for byte (and rewritten in place, not
+appended twice), and a cell past its time or memory limit is stopped and says so."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from conftest import write_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_hf  # noqa: E402  (scripts/ on the path)
+import bench_scaling  # noqa: E402
+
+
+def tiny_models(tmp_path: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = write_tiny_tokenizer(tmp_path / "tokenizer")
+    vocab = Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size()
+    shape = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": vocab, "tie_word_embeddings": False, "rope_theta": 10000.0}
+    return {"tiny": {"title": "tiny: 2 layers, random weights", "shape": shape, "tokenizer": str(tok)}}
+
+
+def test_bench_scaling_writes_every_cell_and_keeps_the_rest_of_the_doc(tmp_path):
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    shutil.copyfile(REPO / "docs" / "benchmarks.md", doc)
+    before = doc.read_text(encoding="utf-8")
+    assert "<!-- section: scaling -->" not in before  # appended at the end the first time
+    rc = bench_scaling.main(["--models", "tiny", "--lengths", "512,256", "--steps", "1", "--records", "16",
+                             "--threads", "1", "--out", str(tmp_path / "work"), "--doc", str(doc)],
+                            models=tiny_models(tmp_path))
+    assert rc == 0
+
+    report = json.loads((doc.parent / "benchmarks_scaling.json").read_text())
+    cells = {(c["model"], c["seq_length"], c["tool"]): c for c in report["cells"]}
+    assert sorted(cells) == sorted((("tiny", n, t) for n in (256, 512) for t in ("petformers", "hf_peft_grouped")))
+    for (_, length, tool), c in cells.items():
+        assert "error" not in c, c
+        assert c["steps_timed"] == 1 and c["trained_tokens_per_s"] > 0 and c["seconds_per_step"] > 0
+        assert 50 < c["peak_rss_mib"] < 16 * 1024
+        if tool == "hf_peft_grouped":  # a micro-batch never pads past a row's budget
+            assert 0 < c["positions_per_step"] <= length
+    assert report["load_average"].keys() == {"before", "after"} and report["started"] <= report["ended"]
+    assert report["settings"]["lengths"] == [256, 512]
+
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith(before.rstrip("\n"))  # the rest of the file, untouched
+    section = text[text.index("<!-- section: scaling -->"):]
+    assert section.rstrip().endswith("<!-- end of section -->")
+    assert text.count("<!-- section: scaling -->") == 1
+    for c in cells.values():
+        assert f"| {c['seq_length']} | " in section and f"{c['trained_tokens_per_s']:.1f}" in section
+        assert c["command"] in section
+    assert "**What grows**" in section and "tokens/s at 512 as at 256" in section
+    assert "petformers against transformers + peft, cell by cell (2 pairs)" in section
+
+    # A second write replaces the section where it is.
+    bench_scaling.write_section(doc, bench_scaling.SECTION, bench_scaling.render(report))
+    assert doc.read_text(encoding="utf-8") == text
+
+
+def test_a_cell_past_its_limits_is_stopped_and_says_so(tmp_path):
+    args = argparse.Namespace(steps=1, threads=1, cell_time_limit=1.0)
+    ctx = {"args": args, "out": tmp_path, "train": tmp_path / "train.jsonl", "hf_dtype": "fp32",
+           "memory_limit_mib": None, "checkpoints": {"tiny": tmp_path / "model"}}
+    cell = bench_scaling.run_cell("tiny", 256, "petformers", ctx)
+    assert cell["error"] == "timed out after 1 s" and cell["wall_s"] < 30
+
+    args.cell_time_limit = 120.0
+    ctx["memory_limit_mib"] = 40.0  # importing torch alone passes it
+    cell = bench_scaling.run_cell("tiny", 256, "hf_peft_grouped", ctx)
+    assert cell["error"] == "stopped at the memory limit (40 MiB resident)"
+
+
+def test_budget_micro_batches_never_pad_past_the_row():
+    """bench_hf --max-positions: neighbours of the sample order, as many as fit once padded to the longest;
+    a sample longer than the budget goes alone (the real data is truncated to seq_length first)."""
+    lengths = [500, 480, 300, 290, 250, 100, 90, 80, 70, 600]
+    batches = list(bench_hf.budget_batches(iter(range(len(lengths))), lengths, 512))
+    assert batches == [[0], [1], [2], [3], [4, 5], [6, 7, 8], [9]]
+    assert all(len(b) * max(lengths[i] for i in b) <= 512 for b in batches[:-1])
