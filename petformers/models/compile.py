@@ -24,7 +24,7 @@ class _Segments:
     """The current row layout for segment_attention: the compiled block sees this one object every call
     (dynamo guards its identity and never reads it; only the eager segment_attention does)."""
 
-    lengths: list[list[int]] | None = None
+    lengths: list[list[tuple[int, int]]] | None = None  # (length, shared prefix) per segment, per row
 
 
 _SEGMENTS = _Segments()
