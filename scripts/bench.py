@@ -548,8 +548,13 @@ CHANGES = [
     "(without it this bench's petformers RSS grew from 1.5 to 2.4 GiB over its first 23 steps).",
     "- Grouped-query attention without repeating keys and values (`enable_gqa`, CPU), and one additive "
     "mask shared by all layers where a mask is needed (generation).",
-    "- The LoRA update added to the frozen layer's output in one `addmm` (`LoRALinear.forward`): no "
+    "- The LoRA update added to the frozen layer's output in one `addmm` (`LoRALinear.add_update`): no "
     "separate scale and add passes over [tokens, out_features] in forward and backward.",
+    "- Fused projections on request (`model.model_config.fused_projections: true`, petformers/pet/fused.py): "
+    "each layer's q/k/v, and w1/w3, as one matmul over their frozen weights, stacked once into one storage "
+    "that the weights are views of (no copy), each LoRA added to its own slice of the output. Off by "
+    "default: on this machine a training step at the bench's shapes was no faster (the fused_projections "
+    "row of the levers).",
     "- bf16 frozen base with float32 adapters where the hardware multiplies bf16 fast (`compute_dtype: auto`, "
     "petformers/hardware.py).",
     "",

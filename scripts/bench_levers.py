@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   "and a float dropout noise for backward, instead of petformers' lean ops that recompute those "
                   "elementwise results and keep only the matmul outputs (selective recompute, "
                   "petformers/models/lean_ops.py)", {"plain_ops": True}),
+    "fused_projections": ("q, k, v (and w1, w3) as one matmul over their frozen weights stacked in one storage, "
+                          "LoRA added per projection (model.model_config.fused_projections)",
+                          {"fused_projections": True}),
     "glibc_malloc": ("glibc's malloc instead of jemalloc, the allocator petformers runs on where it is "
                      "installed (petformers/allocator.py; PETFORMERS_ALLOCATOR=glibc)", {"allocator": "glibc"}),
     "low_rss": ("glibc's malloc returning freed activations to the OS at once (a fixed 128 KiB mmap threshold, "
@@ -72,10 +75,12 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
 
     from petformers import allocator
     from petformers.checkpoint.load import load_config
+    from petformers.config.schema import ModelSection
     from petformers.peak_rss import peak_rss_bytes
     from petformers.data.dataset import PreparedDataset
     from petformers.models.llama import build_model
     from petformers.pet.config import PetConfig
+    from petformers.pet.fused import fuse_projections
     from petformers.pet.inject import apply_lora
     from petformers.data.loader import collate
     from petformers.train.loss import chunked_cross_entropy_sum, plain_cross_entropy_sum
@@ -96,12 +101,11 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     if spec.get("unfused_lora"):  # LoRALinear's update as PEFT writes it: scale, then add
         from petformers.pet.lora import LoRALinear
 
-        def unfused_forward(self, x):
-            result = F.linear(x, self.weight, self.bias)
+        def unfused_update(self, x, result):
             return (result + self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
                     * self.scaling).to(result.dtype)
 
-        LoRALinear.forward = unfused_forward
+        LoRALinear.add_update = unfused_update
     if spec.get("plain_ops"):  # the same formulas through torch's ops (lean_ops' docstring says what they keep)
         from petformers.models import llama
         from petformers.pet import lora
@@ -119,6 +123,8 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     model.to(dtype)
     apply_lora(model, PetConfig(lora_rank=16, lora_alpha=16, lora_dropout=0.05,
                                 target_modules=".*wq|.*wk|.*wv|.*wo"))
+    if spec.get("fused_projections", ModelSection().fused_projections):  # as the recipe (train/finetune.py)
+        fuse_projections(model)
     model.gradient_checkpointing = bool(spec.get("recompute"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -276,13 +282,13 @@ def measure_levers(args, train: Path, eval_path, out: Path, steps: int = 3, time
         results["profile"] = json.loads((out / "levers" / "profile.json").read_text())["profile"]
     print("bench: fused projections (matmuls only) ...", flush=True)
     fused = _run_child([sys.executable, __file__, "--fused-matmuls"], args.threads)
-    results["fused_projections"] = json.loads(fused["stdout"].strip().splitlines()[-1])
+    results["fused_matmuls"] = json.loads(fused["stdout"].strip().splitlines()[-1])
     results["load_average_after"] = os.getloadavg()[0]
     return results
 
 
 # Variants that switch on something petformers does not do by default; the others take away a default.
-OPTIONS = ("other_dtype", "recompute", "threads_1", "compile", "regional_compile", "low_rss")
+OPTIONS = ("other_dtype", "recompute", "threads_1", "compile", "regional_compile", "low_rss", "fused_projections")
 
 
 def verdict(name: str, speed: float, memory: float) -> str:
@@ -341,15 +347,16 @@ def render(levers: dict) -> list[str]:
                   "with the most self time.", "",
                   "| operator | self s | share | calls |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| `{o['op']}` | {o['self_s']:.2f} | {100 * o['share']:.1f}% | {o['calls']} |" for o in prof["ops"]]
-    f = levers.get("fused_projections")
+    f = levers.get("fused_matmuls")
     if f:
         lines += [
             "",
             "Fused projections, the matmuls alone (2048 tokens, forward and input gradient, fp32): q, k, v as "
             f"three products {1e3 * f['qkv_split_s']:.0f} ms, as one over the concatenated weight "
             f"{1e3 * f['qkv_fused_s']:.0f} ms; gate and up {1e3 * f['gate_up_split_s']:.0f} ms against "
-            f"{1e3 * f['gate_up_fused_s']:.0f} ms. Fusing would also need LoRA and the checkpoint loaders to "
-            "address wq/wk/wv inside one weight; petformers keeps them separate.",
+            f"{1e3 * f['gate_up_fused_s']:.0f} ms. `fused_projections: true` trains so (petformers/pet/fused.py: "
+            "the frozen weights views of one stacked block, LoRA added per projection); the fused_projections "
+            "row is what that buys in a whole training step.",
         ]
     return lines + [""]
 

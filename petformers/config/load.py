@@ -106,7 +106,7 @@ def resolved_yaml(cfg: RunConfig) -> str:
     """Every setting in effect, in the native form (MindFormers section names); `load_run_config` of it gives
     `cfg` back."""
     tree: dict = {}
-    in_model_config = ("model.seq_length", "model.compute_dtype", "model.param_init_type")
+    in_model_config = ("model.seq_length", "model.compute_dtype", "model.param_init_type", "model.fused_projections")
     for name, paths in mindformers.PATHS.items():
         if name not in in_model_config:
             set_path(tree, paths[0], field_value(cfg, name))
@@ -194,7 +194,7 @@ def _read_model(raw: dict, values: dict) -> tuple[dict, dict | None]:
     for alias, kind in mindformers.MODEL_ALIASES.items():
         if alias in model_config:
             _coerce_model_key(model_config, alias, {"int": int, "float": float}[kind])
-    for name in ("compute_dtype", "param_init_type"):
+    for name in ("compute_dtype", "param_init_type", "fused_projections"):
         if name in model_config:
             model_config[name] = values[f"model.{name}"]  # checked and normalised by the schema's check
     quant_config_of(model_config)  # quantization_bit/_type/double_quantization checked together here

@@ -55,6 +55,7 @@ _PLACES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("model.model_config.compute_dtype",),
     "model.param_init_type": ("model.model_config.param_init_type",),
     "model.recompute": ("recompute_config.recompute",),
+    "model.fused_projections": ("model.model_config.fused_projections",),
     "checkpoint.save_checkpoint_steps": ("save_checkpoint_steps", "callbacks.{ckpt}.save_checkpoint_steps"),
     "checkpoint.keep_checkpoint_max": ("keep_checkpoint_max", "callbacks.{ckpt}.keep_checkpoint_max"),
     "parallel.data_parallel": ("parallel_config.data_parallel",),

@@ -184,6 +184,14 @@ class ModelSection:
                                ignored="adapters are always float32 (small updates would vanish in 16 bits)",
                                does="float32")
     recompute: bool = key(False, "activation checkpointing of every decoder layer (LoRA gradients still flow)")
+    fused_projections: bool = key(False, "fine-tuning computes each layer's q/k/v projections, and w1/w3, as one "
+                                         "matmul over their frozen weights, stacked once into one storage (the "
+                                         "weights become views of it: no copy); LoRA stays per projection, and "
+                                         "parameter names, the state dict, `target_modules`, the adapter and "
+                                         "exports are unchanged. Layers that cannot be fused (a quantized base, "
+                                         "DoRA, FSDP) run each projection on its own (petformers/pet/fused.py). "
+                                         "Off by default: no faster on the bench's CPU (SmolLM2-135M shapes, "
+                                         "bf16 and fp32)")
     model_config: dict = key(None, "the architecture in MindFormers' `LlamaConfig` names, without `pet_config` "
                                    "(see below)", factory=dict)
     pet_config: dict | None = key(None, "the adapter (`PetConfig.from_dict` input); without it `run_mode "

@@ -8,7 +8,9 @@ last `sliding_window` keys, on layers from `max_window_layers` on).
 Parameter names are Meta's / MindFormers' (`tok_embeddings`, `layers.N.attention.wq`, ...,
 `layers.N.feed_forward.w1`, `norm`, `lm_head`), so MindFormers' `target_modules: '.*wq|.*wk|.*wv|.*wo'`
 works unchanged. The q/k weight layout is Hugging Face's ("rotate half"); loaders convert Meta's
-interleaved layout and undo llama.cpp's permutation. The model knows nothing of LoRA.
+interleaved layout and undo llama.cpp's permutation. The model knows nothing of LoRA. Attention's wq/wk/wv
+and SwiGLU's w1/w3 all multiply one input, through `project` (`separate`: one matmul each), which
+pet/fused.py replaces by one matmul over the weights stacked (fused_projections).
 
 Attention takes three optional descriptions of which keys a query may see, all through
 `scaled_dot_product_attention`:
@@ -210,7 +212,15 @@ def segment_attention(q, k, v, layout: list[list[tuple[int, int]]], **sdpa_kwarg
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+def separate(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """Each projection of x on its own: the default `project` of Attention (wq, wk, wv) and FeedForward
+    (w1, w3). pet/fused.py's fuse_projections replaces it by one matmul with the weights side by side."""
+    return [linear(x) for linear in linears]
+
+
 class Attention(nn.Module):
+    project = staticmethod(separate)  # (x, (wq, wk, wv)) -> [q, k, v]; per layer, pet/fused.py's fused_project
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -226,9 +236,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, segments=None):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x, (self.wq, self.wk, self.wv))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -253,6 +264,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); backward keeps w1 x and w3 x, not silu(w1 x) (models/lean_ops.py)."""
+    project = staticmethod(separate)  # (x, (w1, w3)) -> [w1 x, w3 x]; per layer, pet/fused.py's fused_project
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -261,7 +273,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
 
     def forward(self, x):
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        return self.w2(swiglu(*self.project(x, (self.w1, self.w3))))
 
 
 class TransformerBlock(nn.Module):

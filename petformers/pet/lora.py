@@ -142,7 +142,11 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_forward(x)
+        return self.add_update(x, self.base_forward(x))
+
+    def add_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (this layer's W x + b) plus the adapter's update of x. Apart from forward so that
+        pet/fused.py can compute W x + b of several layers in one matmul and hand each its slice."""
         if self.merged:
             if self.disabled:
                 raise AdapterError("a merged LoRA layer cannot be disabled; unmerge it first")

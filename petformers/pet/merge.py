@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from petformers.pet.fused import unfuse_projections
 from petformers.pet.lora import LoRALinear
 from petformers.pet.module_to_save import ModuleToSave
 from petformers.quant.linear import QuantLinear
@@ -27,7 +28,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then replace each LoRALinear by a plain frozen nn.Linear and each modules_to_save copy by
-    the trained module in the base dtype: the model has the base architecture again (to export).
+    the trained module in the base dtype: the model has the base architecture again (to export), fused
+    projections (pet/fused.py) given storage of their own again.
     Over a quantized base: merging dequantizes (see LoRALinear.merge), and every other quantized layer
     becomes an nn.Linear with its dequantized weight, so the result is an ordinary float model."""
     replacements = []
@@ -45,6 +47,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    unfuse_projections(model)
     config = getattr(model, "config", None)
     if getattr(config, "tie_word_embeddings", False) and model.lm_head.weight is not model.tok_embeddings.weight:
         config.tie_word_embeddings = False  # lm_head was trained apart (modules_to_save): export it apart

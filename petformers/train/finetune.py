@@ -39,6 +39,7 @@ from petformers.errors import ConfigError, TrainingError
 from petformers.faults import kill_point
 from petformers.models.config import parse_dtype
 from petformers.pet.config import PetConfig
+from petformers.pet.fused import fuse_projections
 from petformers.pet.inject import apply_lora, load_trainable_state, trainable_parameters, trainable_state
 from petformers.pet.merge import merge_and_unload
 from petformers.train.evaluate import evaluate_loss
@@ -61,8 +62,10 @@ def finetune(cfg, env: DistEnv, out: Path) -> dict:
         return_freed_memory_to_os()  # ~0.7x the peak RSS for ~1.5x the step time (docs/benchmarks.md)
     # 1. model: the base weights in compute_dtype (random weights for run_mode train without a checkpoint)
     model, tokenizer = load_model_for_run(cfg, env)
-    # 2. adapters: LoRA as pet_config says, started from the checkpoint's mindpet LoRA or `adapter`
+    # 2. adapters: LoRA as pet_config says, started from the checkpoint's mindpet LoRA or `adapter`;
+    # q/k/v and w1/w3 of each layer as one matmul over the frozen base (fused_projections)
     pet = add_adapters(cfg, model)
+    fuse_for_training(cfg, model, pet, env)
     # 3. data: token rows of seq_length, from a prepared dataset, a MindRecord or a raw file
     train_ds, eval_ds = open_data(cfg, model, tokenizer, env, out)
     # 4. optimizer, schedule and, under torchrun, the DDP / FSDP wrapper; resume when asked
@@ -97,6 +100,21 @@ def add_adapters(cfg, model) -> PetConfig | None:
     if cfg.model.recompute:
         model.gradient_checkpointing = True
     return pet
+
+
+def fuse_for_training(cfg, model, pet: PetConfig | None, env: DistEnv):
+    """fused_projections: each layer's q/k/v (and w1/w3) as one matmul (pet/fused.py), over a frozen base
+    (LoRA) that FSDP does not shard weight by weight; one line in the log says what it did."""
+    if not cfg.model.fused_projections or pet is None:
+        return
+    if env.enabled and cfg.parallel.parallel_strategy == "fsdp":
+        if env.is_main:
+            log.info("petformers: fused projections off: FSDP shards each weight on its own")
+        return
+    fused = fuse_projections(model)
+    if env.is_main:
+        log.info("petformers: fused projections on: %d of %d groups (q/k/v, w1/w3) run as one matmul each%s",
+                 fused, 2 * len(model.layers), "" if fused else " (a quantized base or DoRA: none can)")
 
 
 def open_data(cfg, model, tokenizer, env: DistEnv, out: Path):

@@ -44,7 +44,8 @@ def seed_everything(seed: int):
 
 def model_config_from_yaml(cfg) -> LlamaConfig:
     """The architecture the YAML's model.model_config describes."""
-    mc = {k: v for k, v in cfg.model.model_config.items() if k != "pet_config" and k not in QUANTIZATION_KEYS}
+    mc = {k: v for k, v in cfg.model.model_config.items()
+          if k not in ("pet_config", "fused_projections") and k not in QUANTIZATION_KEYS}
     return LlamaConfig.from_mindformers(mc)
 
 
