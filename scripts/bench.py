@@ -406,7 +406,9 @@ def render_markdown(report: dict) -> str:
         "(transformers + peft configured as a skilled user would, and torchtune's own LoRA recipe), on the same "
         "machine, one run after another, each in a process of its own. Every row below comes from one "
         f"invocation of `make bench` (`scripts/bench.py`), started {report['started']} and ended "
-        f"{report.get('ended', '–')}; no row is carried over from another run.",
+        f"{report.get('ended', '–')}; no row is carried over from another run."
+        + (f" This text was written again from that run's benchmarks.json on {report['rendered']} "
+           "(`scripts/bench.py --render`: the prose changed, no figure did)." if report.get("rendered") else ""),
         "",
         f"Machine: {report['machine']}; {report['threads']} threads per run. Measured matmul peak "
         f"({report['peak_matmul']}): **{peak['fp32']:.1f} GFLOP/s fp32**, **{peak['bf16']:.1f} GFLOP/s bf16**.",
@@ -612,6 +614,9 @@ def main(argv=None) -> int:
                     help="petformers' compute dtype (default: the config's `auto`, bfloat16 where the hardware "
                          "has bf16 matrix instructions)")
     ap.add_argument("--levers", action="store_true", help="also measure the levers (bench_levers.py)")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: write benchmarks.md again from the last run's benchmarks.json (after a "
+                         "change of the prose); every figure stays that run's")
     ap.add_argument("--out", type=Path, help="working directory (default output/bench)")
     ap.add_argument("--docs", type=Path, help="where benchmarks.md/json go (default docs/; --quick: the work dir)")
     ap.add_argument("--measure-peak", nargs=2, metavar=("SIZE", "SECONDS"), help=argparse.SUPPRESS)
@@ -625,6 +630,15 @@ def main(argv=None) -> int:
         args.records, args.eval_records, args.steps = 16, 8, 2
     out = (args.out or ROOT / "output" / ("bench-quick" if args.quick else "bench")).resolve()
     docs = args.docs or (out if args.quick else ROOT / "docs")
+    if args.render:
+        report = json.loads((docs / "benchmarks.json").read_text())
+        levers = report.get("levers") or {}
+        if "qkv_split_s" in levers.get("fused_projections", {}):  # a run from before the key was renamed
+            levers["fused_matmuls"] = levers.pop("fused_projections")
+        report["rendered"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        finish(report, docs)
+        print(f"bench: wrote {docs / 'benchmarks.md'} again from {docs / 'benchmarks.json'}")
+        return 0
     train, eval_path = write_workload(out / "data", args.records, args.eval_records)
 
     print(f"bench: measuring the matmul peak ({args.threads} threads)", flush=True)
