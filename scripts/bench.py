@@ -665,6 +665,7 @@ def main(argv=None) -> int:
             continue
         report["runs"][name] = _measure_run(name, args, train, eval_path, out)
         report["runs"][name]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        report["runs"][name]["load_average_after"] = os.getloadavg()[0]  # 1 minute: other work beside this run
     report["load_average"] = {"before": load_before, "after_1min": os.getloadavg()[0]}
     print("bench: measuring the matmul peak again", flush=True)
     report["matmul_peak_gflops_after"] = matmul_peak(args.threads)
@@ -703,6 +704,9 @@ def noise_note(report: dict) -> str:
             f"{load['before']:.1f} when the bench started and {load['after_1min']:.1f} when it ended (the bench "
             f"alone makes it ~{report['threads']}); the fp32 matmul peak was {before['fp32']:.1f} GFLOP/s before "
             f"the runs and {after['fp32']:.1f} after.")
+    per_run = [(n, r["load_average_after"]) for n, r in report["runs"].items() if "load_average_after" in r]
+    if per_run:
+        text += " The load average at the end of each run: " + ", ".join(f"{n} {x:.1f}" for n, x in per_run) + "."
     steps = report["runs"].get("petformers", {}).get("step_tokens_per_s") or []
     if len(steps) > 2:
         ordered = sorted(steps)
