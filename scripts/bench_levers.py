@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (what it changes against the bench's petformers settings, the change)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "petformers": ("the bench's settings: packed rows, 2 rows of 1024 per step, frozen-head cross-entropy", {}),
+    "petformers_epoch": ("as petformers, over a whole epoch of rows (the baseline of no_shared_prefix, whose rows "
+                         "hold other samples: a few steps would compare different samples)", {"epoch": True}),
     "no_shared_prefix": ("packed rows with every sample's own copy of the prefix all samples share (system prompt, "
-                         "template header), instead of one copy per row that the row's samples attend to",
-                         {"rows": "packed_plain"}),
+                         "template header), instead of one copy per row that the row's samples attend to; a whole "
+                         "epoch, against petformers_epoch",
+                         {"rows": "packed_plain", "epoch": True, "baseline": "petformers_epoch"}),
     "no_packing": ("one sample per row, 8 samples per step, each batch cut to its longest sample "
                    "(the baseline's dynamic padding)", {"packing": False}),
     "other_dtype": ("the other compute dtype for the frozen base (bf16 <-> fp32); adapters stay fp32",
@@ -154,6 +157,8 @@ def child(spec: dict, rows_dir: Path, steps: int, dtype_name: str, time_limit: f
     cursor, step_s, tokens = 0, [], []
     started = time.perf_counter()
     profile = None
+    if spec.get("epoch"):  # every row once: the warm-up step, then the rest of the epoch
+        steps = -(-len(ds) // (rows_per_micro * micro_per_step)) - 1
     for step in range(steps + 1):
         if spec.get("profile") and step == steps:  # the last step, under the profiler
             from torch.profiler import ProfilerActivity
@@ -302,6 +307,13 @@ def verdict(name: str, speed: float, memory: float) -> str:
         parts.append(f"{1 / speed:.2f}x the throughput")
     if memory > 1.03:
         parts.append(f"{1 / memory:.2f}x the memory")
+    costs = []
+    if speed > 1.03:
+        costs.append(f"without it {speed:.2f}x the throughput")
+    if memory < 0.97:
+        costs.append(f"without it {memory:.2f}x the memory")
+    if costs:
+        return "default, but costs here: " + ", ".join(costs) + ("; buys " + ", ".join(parts) if parts else "")
     return "kept: " + (", ".join(parts) if parts else "within noise here")
 
 
@@ -323,22 +335,29 @@ def render(levers: dict) -> list[str]:
         x = levers.get(name)
         if not x:
             continue
+        what = x.get("what", what)  # as the run that measured it described it
         if "error" in x or "skipped" in x:
             why = "failed: " + x["error"] if "error" in x else "not run: " + x["skipped"]
             lines.append(f"| {name} | {what} | {why} | | | | |")
             continue
         tps, rss = x["trained_tokens_per_s"], x["peak_rss_mib"]
-        speed = tps / base["trained_tokens_per_s"] if base.get("trained_tokens_per_s") else None
-        memory = rss / base["peak_rss_mib"] if base.get("peak_rss_mib") else None
+        ref = levers.get(VARIANTS[name][1].get("baseline"), base)  # a variant's own baseline, where it names one
+        speed = tps / ref["trained_tokens_per_s"] if ref.get("trained_tokens_per_s") else None
+        memory = rss / ref["peak_rss_mib"] if ref.get("peak_rss_mib") else None
         extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
         if name in ("compile", "regional_compile"):
             extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s"
-        say = "" if name == baseline or speed is None else verdict(name, speed, memory)
+        own_baselines = {spec.get("baseline") for _, spec in VARIANTS.values()}
+        say = "" if name == baseline or name in own_baselines or speed is None else verdict(name, speed, memory)
         if name == "petformers" and baseline != "petformers":
             say = "today's default"
         lines.append(f"| {name} | {what}{extra} | {tps:.1f} | {_x(speed)} | {rss:.0f} | {_x(memory)} | {say} |")
     if levers.get("note"):
         lines += ["", levers["note"]]
+    if "no_shared_prefix" in levers and "petformers_epoch" not in levers:
+        lines += ["", "This run measured no_shared_prefix over 3 steps of its own rows against 3 steps of petformers' "
+                      "rows: different samples, whose trained share differs row by row, so its × compares data as "
+                      "much as the lever (later runs compare whole epochs, petformers_epoch)."]
     prof = levers.get("profile")
     if prof:
         lines += ["", "### Where the time goes", "",
@@ -355,8 +374,9 @@ def render(levers: dict) -> list[str]:
             f"three products {1e3 * f['qkv_split_s']:.0f} ms, as one over the concatenated weight "
             f"{1e3 * f['qkv_fused_s']:.0f} ms; gate and up {1e3 * f['gate_up_split_s']:.0f} ms against "
             f"{1e3 * f['gate_up_fused_s']:.0f} ms. `fused_projections: true` trains so (petformers/pet/fused.py: "
-            "the frozen weights views of one stacked block, LoRA added per projection); the fused_projections "
-            "row is what that buys in a whole training step.",
+            "the frozen weights views of one stacked block, LoRA added per projection)"
+            + ("; the fused_projections row is what that buys in a whole training step." if "fused_projections" in levers
+               else "; this run had no fused_projections row (the option came later).")
         ]
     return lines + [""]
 
