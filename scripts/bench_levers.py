@@ -331,6 +331,7 @@ def render(levers: dict) -> list[str]:
         "| variant | what changes | trained tokens/s | × | peak RSS MiB | × | verdict |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    own_baselines = {spec.get("baseline") for _, spec in VARIANTS.values()}
     for name, (what, _) in VARIANTS.items():
         x = levers.get(name)
         if not x:
@@ -347,7 +348,6 @@ def render(levers: dict) -> list[str]:
         extra = f" ({x['dtype']})" if name in ("petformers", "other_dtype") else ""
         if name in ("compile", "regional_compile"):
             extra += f"; warm-up step with the compile {x['warmup_s']:.0f} s"
-        own_baselines = {spec.get("baseline") for _, spec in VARIANTS.values()}
         say = "" if name == baseline or name in own_baselines or speed is None else verdict(name, speed, memory)
         if name == "petformers" and baseline != "petformers":
             say = "today's default"
