@@ -63,7 +63,9 @@ def entry() -> int:
     """The `petformers` console script: main() in a process running on jemalloc where it is installed
     (petformers/allocator.py). main() itself never replaces the process it is called in."""
     reexec_under_jemalloc(sys.argv[1:])
-    return main()
+    from petformers.distributed.env import exit_process  # torch is imported after the re-exec above
+
+    return exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:
