@@ -20,6 +20,8 @@ prompt masked; LoRA r16, alpha 16, dropout 0.05 on q, k, v, o; AdamW; one untime
   petformers       `petformers run --config configs/bench/smollm2_bench.yaml`: one packed row of seq_length
                    per step (best-fit-decreasing packing, batch 1, no accumulation), compute_dtype auto (a bf16
                    frozen base and fp32 adapters where the CPU has bf16 matrix instructions, else fp32)
+  petformers_nf4   the same over the frozen base quantized to NF4 at load (quantization_bit 4, double
+                   quantization: QLoRA), at --quantized-lengths only (default 1024)
   hf_peft_grouped  scripts/bench_hf.py --group-by-length --max-positions seq_length: transformers'
                    LengthGroupedSampler order (Trainer's group_by_length), each step one micro-batch of as
                    many neighbouring samples as fit in seq_length positions once padded to their longest: the
@@ -76,7 +78,11 @@ MODELS = {
                        "tie_word_embeddings": False, "rope_theta": 10000.0}},
 }
 LENGTHS = (512, 1024, 2048, 4096)
-TOOLS = {"petformers": "petformers", "hf_peft_grouped": "transformers + peft, group_by_length"}
+TOOLS = {"petformers": "petformers", "petformers_nf4": "petformers over an NF4 4-bit base (QLoRA)",
+         "hf_peft_grouped": "transformers + peft, group_by_length"}
+QUANTIZED_LENGTHS = (1024,)  # petformers_nf4 runs at these lengths only: its rows, not another full grid
+NF4 = ("model.model_config.quantization_bit=4", "model.model_config.quantization_type=nf4",
+       "model.model_config.double_quantization=True")
 SEED = 0
 
 
@@ -170,12 +176,12 @@ def run_cell(model: str, seq_length: int, tool: str, ctx: dict) -> dict:
     out.mkdir(parents=True)
     checkpoint = ctx["checkpoints"][model]
     steps = args.steps + 1  # the first is the warm-up
-    if tool == "petformers":
+    if tool in ("petformers", "petformers_nf4"):
         cmd = [sys.executable, "-m", "petformers", "run", "--config", str(bench.CONFIG),
                "--train_dataset_dir", str(ctx["train"]), "--output_dir", str(out / "run"), "--do_eval", "False",
                f"load_checkpoint={checkpoint}", f"model.model_config.seq_length={seq_length}",
                f"max_steps={steps}", f"runner_config.epochs={steps}", "runner_config.batch_size=1",
-               "runner_config.gradient_accumulation_steps=1"]
+               "runner_config.gradient_accumulation_steps=1", *(NF4 if tool == "petformers_nf4" else ())]
     else:
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--data", str(ctx["train"]),
                "--dtype", ctx["hf_dtype"], "--steps", str(steps), "--max-positions", str(seq_length),
@@ -193,7 +199,7 @@ def run_cell(model: str, seq_length: int, tool: str, ctx: dict) -> dict:
         return cell | {"error": f"stopped at the memory limit ({ctx['memory_limit_mib']:.0f} MiB resident)"}
     if child["rc"] != 0:
         return cell | {"error": _last_line(log, child["rc"])}
-    if tool == "petformers":
+    if tool in ("petformers", "petformers_nf4"):
         records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
         records = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
@@ -260,15 +266,23 @@ def what_grows(report: dict) -> list[str]:
     if pairs:
         speed = [p["trained_tokens_per_s"] / h["trained_tokens_per_s"] for p, h in pairs]
         memory = [p["peak_rss_mib"] / h["peak_rss_mib"] for p, h in pairs]
-        def span(xs):
-            return f"{xs[0]:.2f}×" if len(xs) == 1 else f"{min(xs):.2f}× to {max(xs):.2f}×"
         out.append(f"- petformers against transformers + peft, cell by cell ({len(pairs)} "
                    f"pair{'s' if len(pairs) != 1 else ''}): {span(speed)} the trained tokens/s at {span(memory)} "
                    "the peak RSS.")
+    for (m, n, t), q in cells.items():
+        p = cells.get((m, n, "petformers"))
+        if t == "petformers_nf4" and p:
+            out.append(f"- {m} at {n}, the NF4 base against petformers' {_short(s['petformers_compute_dtype'])} "
+                       f"base: {q['trained_tokens_per_s'] / p['trained_tokens_per_s']:.2f}× the trained tokens/s at "
+                       f"{q['peak_rss_mib'] / p['peak_rss_mib']:.2f}× the peak RSS.")
     failed = [c for c in report["cells"] if "error" in c]
     if failed:
         out.append(f"- {len(failed)} of {len(report['cells'])} cells gave no numbers (their rows say why).")
     return out
+
+
+def span(xs: list[float]) -> str:
+    return f"{xs[0]:.2f}×" if len(xs) == 1 else f"{min(xs):.2f}× to {max(xs):.2f}×"
 
 
 def _short(dtype: str) -> str:
@@ -290,7 +304,10 @@ def render(report: dict) -> str:
         + (f"{s['steps']} timed steps of about seq_length positions each. " if s["steps"] != 1 else
            "1 timed step of about seq_length positions. ")
         + "petformers: `petformers run` with the bench config, one packed row of seq_length per step, compute "
-        f"dtype {s['petformers_compute_dtype']} for the frozen base (adapters float32). transformers + peft: "
+        f"dtype {s['petformers_compute_dtype']} for the frozen base (adapters float32); over an NF4 base (at "
+        f"{', '.join(map(str, s.get('quantized_lengths', [])))} tokens): the same with the base's linear weights "
+        "quantized to NF4 at load (quantization_bit 4, double quantization; embeddings, norms and lm_head stay "
+        "as loaded) and dequantized to the compute dtype as each layer runs. transformers + peft: "
         f"scripts/bench_hf.py, {s['hf_dtype_text']}, transformers' LengthGroupedSampler order (group_by_length), "
         "each step one micro-batch of as many neighbouring samples as fit in seq_length positions padded to "
         "their longest: a row's budget. (A fixed micro-batch size fitted to the mean length padded the "
@@ -308,9 +325,10 @@ def render(report: dict) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for c in report["cells"]:
-        tool = (f"petformers ({_short(s['petformers_compute_dtype'])} base)" if c["tool"] == "petformers" else
-                f"transformers + peft, group_by_length ({s['hf_dtype']}"
-                + (" autocast)" if s["hf_dtype"] == "bf16" else ")"))
+        tool = {"petformers": f"petformers ({_short(s['petformers_compute_dtype'])} base)",
+                "petformers_nf4": "petformers (NF4 base)"}.get(
+            c["tool"], f"transformers + peft, group_by_length ({s['hf_dtype']}"
+            + (" autocast)" if s["hf_dtype"] == "bf16" else ")"))
         if "error" in c:
             lines.append(f"| {c['model']} | {c['seq_length']} | {tool} | {c['error']} | – | – |")
         else:
@@ -351,6 +369,8 @@ def main(argv=None, models: dict | None = None) -> int:
     ap.add_argument("--models", default=",".join(models), help=f"comma-separated, of {', '.join(models)}")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="seq_length values, comma-separated")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
+    ap.add_argument("--quantized-lengths", default=",".join(map(str, QUANTIZED_LENGTHS)),
+                    help="the seq_length values (of --lengths) at which petformers_nf4 runs")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per cell, after one warm-up step")
     ap.add_argument("--records", type=int, default=256, help="Alpaca records of the bench data")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -365,17 +385,20 @@ def main(argv=None, models: dict | None = None) -> int:
                                              "docs/benchmarks.md; --quick: the work dir's); the JSON goes next to it")
     args = ap.parse_args(argv)
     if args.quick:
-        args.models, args.lengths, args.steps = "135m", "512", 1
+        args.models, args.lengths, args.quantized_lengths, args.steps = "135m", "512", "512", 1
     names = [m for m in args.models.split(",") if m]
     tools = [t for t in args.tools.split(",") if t]
     try:
         lengths = sorted(int(n) for n in args.lengths.split(",") if n)
+        quantized_lengths = sorted(int(n) for n in args.quantized_lengths.split(",") if n)
     except ValueError:
-        lengths = []
+        lengths = quantized_lengths = []
     bad = [m for m in names if m not in models] + [t for t in tools if t not in TOOLS]
-    if bad or not names or not tools or not lengths or min(lengths) < 16 or args.steps < 1:
+    if (bad or not names or not tools or not lengths or min(lengths) < 16 or args.steps < 1
+            or not set(quantized_lengths) <= set(lengths)):
         print(f"bench_scaling: check --models ({', '.join(models)}), --tools ({', '.join(TOOLS)}), --lengths "
-              f"(integers >= 16) and --steps (>= 1){': unknown ' + ', '.join(bad) if bad else ''}", file=sys.stderr)
+              f"(integers >= 16), --quantized-lengths (some of --lengths) and --steps (>= 1)"
+              f"{': unknown ' + ', '.join(bad) if bad else ''}", file=sys.stderr)
         return 2
     out = (args.out or ROOT / "output" / ("bench-scaling-quick" if args.quick else "bench-scaling")).resolve()
     doc = args.doc or (out / "benchmarks.md" if args.quick else ROOT / "docs" / "benchmarks.md")
@@ -388,6 +411,7 @@ def main(argv=None, models: dict | None = None) -> int:
               "command": "python scripts/bench_scaling.py " + " ".join(argv),
               "load_average": {"before": os.getloadavg()[0]},
               "settings": {"models": names, "lengths": lengths, "tools": tools, "steps": args.steps,
+                           "quantized_lengths": quantized_lengths,
                            "records": args.records, "cell_time_limit": args.cell_time_limit,
                            "memory_limit_mib": memory_limit, "hf_dtype": hf_dtype,
                            "hf_dtype_text": "bf16 autocast over float32 weights" if hf_dtype == "bf16" else "float32",
@@ -419,6 +443,8 @@ def main(argv=None, models: dict | None = None) -> int:
     for name in names:
         for length in lengths:
             for tool in tools:
+                if tool == "petformers_nf4" and length not in quantized_lengths:
+                    continue
                 print(f"bench_scaling: {name} {length} {tool} ...", flush=True)
                 cell = run_cell(name, length, tool, ctx)
                 cell["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

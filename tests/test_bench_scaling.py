@@ -36,14 +36,16 @@ def test_bench_scaling_writes_every_cell_and_keeps_the_rest_of_the_doc(tmp_path)
     shutil.copyfile(REPO / "docs" / "benchmarks.md", doc)
     before = doc.read_text(encoding="utf-8")
     assert "<!-- section: scaling -->" not in before  # appended at the end the first time
-    rc = bench_scaling.main(["--models", "tiny", "--lengths", "512,256", "--steps", "1", "--records", "16",
+    rc = bench_scaling.main(["--models", "tiny", "--lengths", "512,256", "--quantized-lengths", "256", "--steps", "1",
+                             "--records", "16",
                              "--threads", "1", "--out", str(tmp_path / "work"), "--doc", str(doc)],
                             models=tiny_models(tmp_path))
     assert rc == 0
 
     report = json.loads((doc.parent / "benchmarks_scaling.json").read_text())
     cells = {(c["model"], c["seq_length"], c["tool"]): c for c in report["cells"]}
-    assert sorted(cells) == sorted((("tiny", n, t) for n in (256, 512) for t in ("petformers", "hf_peft_grouped")))
+    assert sorted(cells) == sorted([("tiny", n, t) for n in (256, 512) for t in ("petformers", "hf_peft_grouped")]
+                                   + [("tiny", 256, "petformers_nf4")])  # the NF4 base at --quantized-lengths only
     for (_, length, tool), c in cells.items():
         assert "error" not in c, c
         assert c["steps_timed"] == 1 and c["trained_tokens_per_s"] > 0 and c["seconds_per_step"] > 0
@@ -63,6 +65,9 @@ def test_bench_scaling_writes_every_cell_and_keeps_the_rest_of_the_doc(tmp_path)
         assert c["command"] in section
     assert "**What grows**" in section and "tokens/s at 512 as at 256" in section
     assert "petformers against transformers + peft, cell by cell (2 pairs)" in section
+    assert "| tiny | 256 | petformers (NF4 base) |" in section and "tiny at 256, the NF4 base against" in section
+    nf4_log = (tmp_path / "work" / "cells" / "tiny_256_petformers_nf4" / "log.txt").read_text()
+    assert "base held quantized (nf4 4-bit, double quantization)" in nf4_log  # the cell measured what it names
 
     # A second write replaces the section where it is.
     bench_scaling.write_section(doc, bench_scaling.SECTION, bench_scaling.render(report))

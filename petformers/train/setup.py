@@ -25,7 +25,7 @@ from petformers.models.llama import build_model
 from petformers.pet.config import PetConfig
 from petformers.pet.inject import apply_lora, load_lora_state_dict
 from petformers.pet.merge import merge_and_unload
-from petformers.quant.model import KEYS as QUANTIZATION_KEYS, QuantConfig, quant_config_of
+from petformers.quant.model import KEYS as QUANTIZATION_KEYS, QuantConfig, quant_config_of, quantized_bytes
 
 log = logging.getLogger("petformers")
 
@@ -116,8 +116,12 @@ def load_model_for_run(cfg, env: DistEnv):
     device = torch.device("cpu") if sharding else env.device
     if cfg.load_checkpoint:
         yaml_config = model_config_from_yaml(cfg) if cfg.model.model_config else None
+        quantization = quantization_of(cfg)
         model, tokenizer = load_pretrained(cfg.load_checkpoint, dtype=dtype, device=device, config=yaml_config,
-                                           quantization=quantization_of(cfg))
+                                           quantization=quantization)
+        if quantization is not None and env.is_main:  # the run says what it trains over
+            log.info("petformers: base held quantized (%s): %.1f MiB of linear weights", quantization.describe(),
+                     quantized_bytes(model) / 2**20)
         if cfg.data.tokenizer:
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         tokenizer = with_template_options(tokenizer, cfg.data)
