@@ -81,6 +81,7 @@ LENGTHS = (512, 1024, 2048, 4096)
 TOOLS = {"petformers": "petformers", "petformers_nf4": "petformers over an NF4 4-bit base (QLoRA)",
          "hf_peft_grouped": "transformers + peft, group_by_length"}
 QUANTIZED_LENGTHS = (1024,)  # petformers_nf4 runs at these lengths only: its rows, not another full grid
+PETFORMERS_TOOLS = ("petformers", "petformers_nf4")  # cells run by `petformers run`, read from its metrics.jsonl
 NF4 = ("model.model_config.quantization_bit=4", "model.model_config.quantization_type=nf4",
        "model.model_config.double_quantization=True")
 SEED = 0
@@ -176,7 +177,7 @@ def run_cell(model: str, seq_length: int, tool: str, ctx: dict) -> dict:
     out.mkdir(parents=True)
     checkpoint = ctx["checkpoints"][model]
     steps = args.steps + 1  # the first is the warm-up
-    if tool in ("petformers", "petformers_nf4"):
+    if tool in PETFORMERS_TOOLS:
         cmd = [sys.executable, "-m", "petformers", "run", "--config", str(bench.CONFIG),
                "--train_dataset_dir", str(ctx["train"]), "--output_dir", str(out / "run"), "--do_eval", "False",
                f"load_checkpoint={checkpoint}", f"model.model_config.seq_length={seq_length}",
@@ -199,7 +200,7 @@ def run_cell(model: str, seq_length: int, tool: str, ctx: dict) -> dict:
         return cell | {"error": f"stopped at the memory limit ({ctx['memory_limit_mib']:.0f} MiB resident)"}
     if child["rc"] != 0:
         return cell | {"error": _last_line(log, child["rc"])}
-    if tool in ("petformers", "petformers_nf4"):
+    if tool in PETFORMERS_TOOLS:
         records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
         records = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
