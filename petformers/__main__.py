@@ -10,7 +10,7 @@ reexec_under_jemalloc(sys.argv[1:])
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402  (after the re-exec above)
 
 from petformers.cli.main import main  # noqa: E402
-from petformers.distributed.env import exit_process  # noqa: E402
+from petformers.distributed.leave import exit_process  # noqa: E402
 
 # record(): under torchrun, an uncaught error of any rank is written where torchrun's failure summary shows it.
 raise SystemExit(exit_process(record(main)()))

@@ -26,7 +26,8 @@ import atexit, gc, os, sys, time
 gc.disable()
 import torch
 import torch.distributed as dist
-from petformers.distributed.env import exit_process, init_distributed
+from petformers.distributed.env import init_distributed
+from petformers.distributed.leave import exit_process
 
 env = init_distributed(True)
 tensor = torch.ones(4096)

@@ -13,6 +13,7 @@ import sys
 
 from petformers import __version__
 from petformers.allocator import reexec_under_jemalloc
+from petformers.distributed.leave import exit_process
 from petformers.errors import PetformersError
 
 # Subcommand modules, in the order `--help` lists them.
@@ -63,8 +64,6 @@ def entry() -> int:
     """The `petformers` console script: main() in a process running on jemalloc where it is installed
     (petformers/allocator.py). main() itself never replaces the process it is called in."""
     reexec_under_jemalloc(sys.argv[1:])
-    from petformers.distributed.env import exit_process  # torch is imported after the re-exec above
-
     return exit_process(main())
 
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from petformers.distributed import leave
 from petformers.errors import TrainingError
-
-_joined_a_process_group = False  # set by init_distributed: this process then leaves through exit_process
 
 
 @dataclass
@@ -48,8 +46,7 @@ def init_distributed(use_parallel: bool) -> DistEnv:
     if not dist.is_initialized():
         timeout = timedelta(seconds=dist_timeout_s())
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
-    global _joined_a_process_group
-    _joined_a_process_group = True
+    leave.joined_a_process_group = True
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     env = DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
     if not env.is_main:
@@ -89,23 +86,3 @@ def shutdown(env: DistEnv):
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def exit_process(code: int) -> int:
-    """`code`, for the command line to exit with; a process that joined a process group exits here.
-
-    Why: torch keeps gloo's worker threads alive after destroy_process_group (its gloo backend has no
-    shutdown), and such a thread frees a finished collective's tensors a moment after the caller's
-    wait returns, taking the GIL to do so. When the interpreter is already finalizing by then, the
-    thread aborts the process ("terminate called without an active exception", exit -6) after a run
-    that succeeded: a rank whose last collective (FSDP's unshard) is followed at once by its exit hit
-    this now and then. Leaving with os._exit skips finalization; every file petformers writes is
-    closed and fsynced by then, so only the streams and logging need flushing here."""
-    if _joined_a_process_group:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
-    return code
