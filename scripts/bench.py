@@ -388,6 +388,33 @@ def _targets(r: dict, runs: dict, report: dict) -> list[str]:
     return rows
 
 
+OP_GROUPS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+             ("attention", ("aten::_scaled_dot_product",)),
+             ("dropout", ("aten::bernoulli_",)))
+
+
+def _why_below_peak(report: dict) -> list[str]:
+    """Why the throughput stays below the matmul peak, from this invocation's profiled step (the levers'
+    `profile`): the share of operator time in matrix products against the rest. Nothing without a profile."""
+    prof = (report.get("levers") or {}).get("profile")
+    if not prof:
+        return []
+    shares = {name: sum(o["share"] for o in prof["ops"] if o["op"].startswith(prefixes))
+              for name, prefixes in OP_GROUPS}
+    listed = sum(o["share"] for o in prof["ops"])
+    rest = listed - sum(shares.values())
+    return [
+        "**Why below the peak** (the profiled step under *Where the time goes*): matrix products, the only "
+        f"operators that can run at the matmul peak, take {100 * shares['matmul']:.0f}% of its operator "
+        f"time; attention kernels take {100 * shares['attention']:.0f}%, dropout's random masks for "
+        f"the LoRA inputs {100 * shares['dropout']:.0f}% (torch's CPU bernoulli_, as in transformers + "
+        "peft's nn.Dropout), and the other operators of the "
+        f"profile's top list (elementwise products, copies, sums) {100 * rest:.0f}%, the unlisted ones "
+        f"{100 * (1 - listed):.0f}%. A run at 80% of the peak needs the products to take about 80% of the time "
+        "at the peak rate; everything else here runs far below it, limited by memory bandwidth or by one core.",
+        ""]
+
+
 KEPT_BEGIN, KEPT_END = "<!-- section:", "<!-- end of section -->"
 
 
@@ -441,7 +468,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"The strongest peer here is {TITLES[strongest][4:]}: petformers runs "
                       f"{r['throughput_vs_' + strongest]:.2f}× its trained tokens/s at "
                       f"{r['peak_memory_vs_' + strongest]:.2f}× its peak memory."]
-    lines += ["", *_targets(r, runs, report), ""]
+    lines += ["", *_targets(r, runs, report), "", *_why_below_peak(report)]
     if slow_bf16:
         lines += [
             "**bf16 on this CPU.** It has no bf16 matrix instructions (AVX2 only: no AVX512-BF16, no AMX): "

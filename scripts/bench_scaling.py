@@ -14,6 +14,10 @@ on the weights' values. Their tokenizer is SmolLM2's (from the GGUF); for 1.1b's
 it is cut to its first 32000 tokens (and the BPE merges that make a dropped token), so every id fits the
 embedding and the text still tokenizes.
 
+The cells lie on two axes (`--grid axes`, the default): the first model (135m, real weights) at every
+length, and every model at --axis-length (default 1024); `--grid cross` runs every model at every length
+(on 2 cores in fp32 its 1.1b rows at 2048 and 4096 alone take ~45 min a timed step).
+
 Every cell: the bench's Alpaca conversations (scripts/bench.py's data), the model's chat template, the
 prompt masked; LoRA r16, alpha 16, dropout 0.05 on q, k, v, o; AdamW; one untimed warm-up step, then
 --steps timed steps, each one micro-batch of about seq_length positions and one optimizer step:
@@ -32,13 +36,12 @@ prompt masked; LoRA r16, alpha 16, dropout 0.05 on q, k, v, o; AdamW; one untime
 A cell that passes --cell-time-limit seconds, or --memory-limit-mib resident, is stopped and says so.
 
 Time: a step's cost grows about linearly with its positions (the samples, ~200 tokens, are far shorter
-than the rows) and with the model's FLOPs per token (about 1 : 2.7 : 8 for 135m : 360m : 1.1b). From
-`make bench` on 2 quiet cores (petformers ~4 s per 1024-token row of the 135m; transformers + peft ~1.35x
-that, from its grouped fp32 and its bf16 autocast rows), one step of every cell is ~14 min; with the
-warm-up step, process starts, loading and building the two random models, the default (--steps 1) takes
-~40 min, and each more timed step ~14 min.
+than the rows) and with the model's FLOPs per token (about 1 : 2.7 : 8 for 135m : 360m : 1.1b). On 2 quiet
+AVX2 cores in fp32 (petformers ~9 s per 1024-token row of the 135m, transformers + peft about the same per
+position), one step of every cell of the default grid is ~6 min; with the warm-up step, process starts,
+loading and building the two random models, the default (--steps 3) takes ~30 min.
 
-    python scripts/bench_scaling.py                  # every cell, 1 timed step each (~40 min on 2 quiet cores)
+    python scripts/bench_scaling.py                  # the two axes, 3 timed steps a cell (~30 min, 2 quiet cores)
     python scripts/bench_scaling.py --quick          # 135m, 512 tokens, 1 timed step, into the work dir
     python scripts/bench_scaling.py --models 135m,360m --lengths 512,1024 --steps 2 --doc /tmp/benchmarks.md
 """
@@ -78,6 +81,7 @@ MODELS = {
                        "tie_word_embeddings": False, "rope_theta": 10000.0}},
 }
 LENGTHS = (512, 1024, 2048, 4096)
+AXIS_LENGTH = 1024  # --grid axes: every model runs at this length, the first model at every length
 TOOLS = {"petformers": "petformers", "petformers_nf4": "petformers over an NF4 4-bit base (QLoRA)",
          "hf_peft_grouped": "transformers + peft, group_by_length"}
 QUANTIZED_LENGTHS = (1024,)  # petformers_nf4 runs at these lengths only: its rows, not another full grid
@@ -254,7 +258,7 @@ def what_grows(report: dict) -> list[str]:
                 parts.append(f"{model}: {b['trained_tokens_per_s'] / a['trained_tokens_per_s']:.2f}× the tokens/s "
                              f"at {lengths[-1]} as at {lengths[0]}, peak RSS {a['peak_rss_mib']:.0f} -> "
                              f"{b['peak_rss_mib']:.0f} MiB ({per_k:+.0f} MiB per 1024 tokens of row)")
-        for length in (lengths[0], lengths[-1]) if len(lengths) > 1 else lengths:
+        for length in lengths:
             a, b = cells.get((models[0], length, tool)), cells.get((models[-1], length, tool))
             if a and b and a is not b:
                 speed, memory = (b[k] / a[k] for k in ("trained_tokens_per_s", "peak_rss_mib"))
@@ -282,6 +286,21 @@ def what_grows(report: dict) -> list[str]:
     return out
 
 
+def cells_of(names: list[str], lengths: list[int], grid: str, axis_length: int) -> list[tuple[str, int]]:
+    """(model, seq_length) pairs to run: every pair (`cross`), or the first model at every length and every
+    model at axis_length (`axes`)."""
+    if grid == "cross":
+        return [(m, n) for m in names for n in lengths]
+    return [(m, n) for m in names for n in lengths if (m == names[0] or n == axis_length)]
+
+
+def grid_text(s: dict) -> str:
+    if s.get("grid", "cross") == "cross":
+        return "every model at every length"
+    return (f"{s['models'][0]} at every length, every model at {s['axis_length']} (`--grid cross` runs every "
+            "model at every length)")
+
+
 def span(xs: list[float]) -> str:
     return f"{xs[0]:.2f}×" if len(xs) == 1 else f"{min(xs):.2f}× to {max(xs):.2f}×"
 
@@ -304,6 +323,7 @@ def render(report: dict) -> str:
         "Alpaca conversations (the chat template, the prompt masked), one untimed warm-up step, then "
         + (f"{s['steps']} timed steps of about seq_length positions each. " if s["steps"] != 1 else
            "1 timed step of about seq_length positions. ")
+        + ("Cells: " + grid_text(s) + ". ")
         + "petformers: `petformers run` with the bench config, one packed row of seq_length per step, compute "
         f"dtype {s['petformers_compute_dtype']} for the frozen base (adapters float32); over an NF4 base (at "
         f"{', '.join(map(str, s.get('quantized_lengths', [])))} tokens): the same with the base's linear weights "
@@ -317,13 +337,16 @@ def render(report: dict) -> str:
         "by both tools (transformers + peft in float32, as for the 135m); their tokenizer is SmolLM2's, cut to "
         "its first 32000 tokens for the 32000-token vocabulary. "
         "Trained tokens/s: the trained (unmasked) tokens of the timed steps over their seconds; peak RSS: the "
-        "cell's own process (VmHWM, loading included); seconds per step: the mean of the timed steps. A cell is "
+        "cell's own process (VmHWM, loading included); seconds per step: the mean of the timed steps; trained "
+        "tokens per step: theirs, which differ between the tools because their steps hold different samples "
+        "(the prompt, masked, is a larger share of a short sample; transformers' sampler takes the longest "
+        "samples first): compare the tools by tokens/s, not by step. A cell is "
         f"stopped after {s['cell_time_limit']:g} s or at {s['memory_limit_mib']:.0f} MiB resident.",
         "",
         "Models: " + "; ".join(f"{name}: {m['title']}" for name, m in report["models"].items()) + ".",
         "",
-        "| model | seq_length | tool | trained tokens/s | peak RSS MiB | seconds per step |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| model | seq_length | tool | trained tokens/s | peak RSS MiB | seconds per step | trained tokens per step |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for c in report["cells"]:
         tool = {"petformers": f"petformers ({_short(s['petformers_compute_dtype'])} base)",
@@ -331,10 +354,11 @@ def render(report: dict) -> str:
             c["tool"], f"transformers + peft, group_by_length ({s['hf_dtype']}"
             + (" autocast)" if s["hf_dtype"] == "bf16" else ")"))
         if "error" in c:
-            lines.append(f"| {c['model']} | {c['seq_length']} | {tool} | {c['error']} | – | – |")
+            lines.append(f"| {c['model']} | {c['seq_length']} | {tool} | {c['error']} | – | – | – |")
         else:
             lines.append(f"| {c['model']} | {c['seq_length']} | {tool} | {c['trained_tokens_per_s']:.1f} | "
-                         f"{c['peak_rss_mib']:.0f} | {c['seconds_per_step']:.2f} |")
+                         f"{c['peak_rss_mib']:.0f} | {c['seconds_per_step']:.2f} | "
+                         f"{c['trained_tokens_per_step']:.0f} |")
     lines += ["", "**What grows** (computed from the table):", "", *what_grows(report), "",
               "The data per model and length (petformers' rows; what transformers + peft's timed steps held):", ""]
     for key, st in stats.items():
@@ -372,7 +396,12 @@ def main(argv=None, models: dict | None = None) -> int:
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
     ap.add_argument("--quantized-lengths", default=",".join(map(str, QUANTIZED_LENGTHS)),
                     help="the seq_length values (of --lengths) at which petformers_nf4 runs")
-    ap.add_argument("--steps", type=int, default=1, help="timed steps per cell, after one warm-up step")
+    ap.add_argument("--grid", choices=["axes", "cross"], default="axes",
+                    help="axes: the first model at every length and every model at --axis-length; cross: every "
+                         "model at every length")
+    ap.add_argument("--axis-length", type=int, default=AXIS_LENGTH,
+                    help="--grid axes: the length at which every model runs (one of --lengths)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per cell, after one warm-up step")
     ap.add_argument("--records", type=int, default=256, help="Alpaca records of the bench data")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--hf-dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -396,9 +425,11 @@ def main(argv=None, models: dict | None = None) -> int:
         lengths = quantized_lengths = []
     bad = [m for m in names if m not in models] + [t for t in tools if t not in TOOLS]
     if (bad or not names or not tools or not lengths or min(lengths) < 16 or args.steps < 1
-            or not set(quantized_lengths) <= set(lengths)):
+            or not set(quantized_lengths) <= set(lengths)
+            or (args.grid == "axes" and len(names) > 1 and args.axis_length not in lengths)):
         print(f"bench_scaling: check --models ({', '.join(models)}), --tools ({', '.join(TOOLS)}), --lengths "
-              f"(integers >= 16), --quantized-lengths (some of --lengths) and --steps (>= 1)"
+              f"(integers >= 16), --quantized-lengths (some of --lengths), --axis-length (one of --lengths) "
+              f"and --steps (>= 1)"
               f"{': unknown ' + ', '.join(bad) if bad else ''}", file=sys.stderr)
         return 2
     out = (args.out or ROOT / "output" / ("bench-scaling-quick" if args.quick else "bench-scaling")).resolve()
@@ -412,6 +443,7 @@ def main(argv=None, models: dict | None = None) -> int:
               "command": "python scripts/bench_scaling.py " + " ".join(argv),
               "load_average": {"before": os.getloadavg()[0]},
               "settings": {"models": names, "lengths": lengths, "tools": tools, "steps": args.steps,
+                           "grid": args.grid, "axis_length": args.axis_length,
                            "quantized_lengths": quantized_lengths,
                            "records": args.records, "cell_time_limit": args.cell_time_limit,
                            "memory_limit_mib": memory_limit, "hf_dtype": hf_dtype,
@@ -439,21 +471,22 @@ def main(argv=None, models: dict | None = None) -> int:
             path = download(spec["checkpoint"])
         ctx["checkpoints"][name] = path
         report["models"][name] = {"title": spec["title"], "checkpoint": os.path.relpath(path, ROOT)}
-        for length in lengths:
-            ctx["stats"][(name, length)] = report["stats"][f"{name}/{length}"] = sample_stats(train, path, length)
-    for name in names:
-        for length in lengths:
-            for tool in tools:
-                if tool == "petformers_nf4" and length not in quantized_lengths:
-                    continue
-                print(f"bench_scaling: {name} {length} {tool} ...", flush=True)
-                cell = run_cell(name, length, tool, ctx)
-                cell["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                report["cells"].append(cell)
-                print(f"bench_scaling: {name} {length} {tool}: " + (cell["error"] if "error" in cell else
-                      f"{cell['trained_tokens_per_s']:.1f} trained tokens/s, {cell['peak_rss_mib']:.0f} MiB, "
-                      f"{cell['seconds_per_step']:.2f} s/step (warm-up {cell['warmup_s']:.1f} s), "
-                      f"{cell['wall_s']:.0f} s in all"), flush=True)
+    pairs = cells_of(names, lengths, args.grid, args.axis_length)
+    for name, length in pairs:
+        ctx["stats"][(name, length)] = report["stats"][f"{name}/{length}"] = sample_stats(
+            train, ctx["checkpoints"][name], length)
+    for name, length in pairs:
+        for tool in tools:
+            if tool == "petformers_nf4" and length not in quantized_lengths:
+                continue
+            print(f"bench_scaling: {name} {length} {tool} ...", flush=True)
+            cell = run_cell(name, length, tool, ctx)
+            cell["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            report["cells"].append(cell)
+            print(f"bench_scaling: {name} {length} {tool}: " + (cell["error"] if "error" in cell else
+                  f"{cell['trained_tokens_per_s']:.1f} trained tokens/s, {cell['peak_rss_mib']:.0f} MiB, "
+                  f"{cell['seconds_per_step']:.2f} s/step (warm-up {cell['warmup_s']:.1f} s), "
+                  f"{cell['wall_s']:.0f} s in all"), flush=True)
     report["load_average"]["after"] = os.getloadavg()[0]
     report["ended"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     write_section(doc, SECTION, render(report))

@@ -94,3 +94,18 @@ def test_budget_micro_batches_never_pad_past_the_row():
     batches = list(bench_hf.budget_batches(iter(range(len(lengths))), lengths, 512))
     assert batches == [[0], [1], [2], [3], [4, 5], [6, 7, 8], [9]]
     assert all(len(b) * max(lengths[i] for i in b) <= 512 for b in batches[:-1])
+
+
+def test_the_default_grid_is_two_axes_through_the_first_model():
+    """`--grid axes`: the first model at every length, every model at the axis length, no other cell (the
+    1.1b at 4096 alone would take most of an hour a step on 2 cores); `--grid cross` keeps every pair."""
+    names, lengths = ["135m", "360m", "1.1b"], [512, 1024, 2048, 4096]
+    assert bench_scaling.cells_of(names, lengths, "axes", 1024) == [
+        ("135m", 512), ("135m", 1024), ("135m", 2048), ("135m", 4096), ("360m", 1024), ("1.1b", 1024)]
+    assert len(bench_scaling.cells_of(names, lengths, "cross", 1024)) == 12
+    assert "every model at 1024" in bench_scaling.grid_text({"grid": "axes", "models": names, "axis_length": 1024})
+
+
+def test_an_axis_length_outside_the_lengths_is_refused(capsys):
+    rc = bench_scaling.main(["--models", "135m,360m", "--lengths", "512,2048", "--axis-length", "1024"])
+    assert rc == 2 and "--axis-length (one of --lengths)" in capsys.readouterr().err
