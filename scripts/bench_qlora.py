@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     train, eval_path = bench.write_workload(out / "data", args.records, args.eval_records)
     started = datetime.datetime.now(datetime.timezone.utc)
     report = {"started": started.isoformat(timespec="seconds"), "machine": bench.machine(), "threads": args.threads,
-              "command": "python scripts/bench_qlora.py " + " ".join(argv),
+              "command": " ".join(["python scripts/bench_qlora.py", *argv]),
               "settings": {"records": args.records, "eval_records": args.eval_records, "steps": args.steps,
                            "batch_size": args.batch_size, "micro_batch": args.micro_batch,
                            "seq_length": args.seq_length, "lr": args.lr},

@@ -440,7 +440,7 @@ def main(argv=None, models: dict | None = None) -> int:
     memory_limit = args.memory_limit_mib or 0.9 * _mem_available_mib()
     started = datetime.datetime.now(datetime.timezone.utc)
     report = {"started": started.isoformat(timespec="seconds"), "machine": bench.machine(), "threads": args.threads,
-              "command": "python scripts/bench_scaling.py " + " ".join(argv),
+              "command": " ".join(["python scripts/bench_scaling.py", *argv]),
               "load_average": {"before": os.getloadavg()[0]},
               "settings": {"models": names, "lengths": lengths, "tools": tools, "steps": args.steps,
                            "grid": args.grid, "axis_length": args.axis_length,
