@@ -71,7 +71,7 @@ bench-qlora: $(STAMP) jemalloc
 
 # How cost grows with the row length (512-4096) and the model size (135M real, 360M- and 1.1B-shaped random
 # weights), petformers beside transformers + peft group_by_length (docs/benchmarks.md, section scaling;
-# docs/benchmarks_scaling.json; ~30 min on 2 quiet cores: the 135M at every length, every model at 1024).
+# docs/benchmarks_scaling.json; ~36 min on 2 quiet cores: the 135M at every length, every model at 1024).
 # Options: scripts/bench_scaling.py --help (--grid cross: every model at every length, hours).
 bench-scaling: $(STAMP) jemalloc
 	$(PY) scripts/bench_scaling.py

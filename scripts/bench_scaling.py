@@ -39,9 +39,9 @@ Time: a step's cost grows about linearly with its positions (the samples, ~200 t
 than the rows) and with the model's FLOPs per token (about 1 : 2.7 : 8 for 135m : 360m : 1.1b). On 2 quiet
 AVX2 cores in fp32 (petformers ~9 s per 1024-token row of the 135m, transformers + peft about the same per
 position), one step of every cell of the default grid is ~6 min; with the warm-up step, process starts,
-loading and building the two random models, the default (--steps 3) takes ~30 min.
+loading and building the two random models, the default (--steps 3) took 36 min (2158 s, 2026-12-03).
 
-    python scripts/bench_scaling.py                  # the two axes, 3 timed steps a cell (~30 min, 2 quiet cores)
+    python scripts/bench_scaling.py                  # the two axes, 3 timed steps a cell (~36 min, 2 quiet cores)
     python scripts/bench_scaling.py --quick          # 135m, 512 tokens, 1 timed step, into the work dir
     python scripts/bench_scaling.py --models 135m,360m --lengths 512,1024 --steps 2 --doc /tmp/benchmarks.md
 """
@@ -291,7 +291,7 @@ def cells_of(names: list[str], lengths: list[int], grid: str, axis_length: int) 
     model at axis_length (`axes`)."""
     if grid == "cross":
         return [(m, n) for m in names for n in lengths]
-    return [(m, n) for m in names for n in lengths if (m == names[0] or n == axis_length)]
+    return [(m, n) for m in names for n in lengths if m == names[0] or n == axis_length]
 
 
 def grid_text(s: dict) -> str:
